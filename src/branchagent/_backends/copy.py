@@ -1,0 +1,253 @@
+"""The portable backend: a fork copies the tree; a commit moves files by rename.
+
+Works on any POSIX filesystem. A fork copies every entry of the parent
+(reflink with FICLONE where the filesystem supports it, a plain copy
+otherwise), preserving modes, mtimes, owners (as root), xattrs and symlinks
+(never followed). The parent's manifest at fork time is kept with the
+branch; commit compares it with both sides to find conflicts, then moves
+the branch's changed files into the parent with the journal of
+:mod:`branchagent._journal`.
+
+Layout under the state directory::
+
+    copy/branches/<name>/tree/           the branch's files (Branch.path)
+    copy/branches/<name>/manifest.json   the parent's manifest at the fork
+    journal/                             commit transactions
+
+Limits: the fork cost grows with the tree (it is a copy); hard links inside
+the tree are copied as separate files; sockets and devices are skipped.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+
+from .. import _journal
+from .._branch import Change, EntryType
+from .._manifest import (
+    Entry,
+    HashCache,
+    Manifest,
+    changed_paths,
+    find_conflicts,
+    hash_file,
+    scan,
+    to_changes,
+)
+from ..exceptions import ConflictError, WorkspaceClosed
+
+__all__ = ["CopyBackend"]
+
+_FICLONE = 0x40049409
+
+
+def _clone_or_copy(src: str, dst: str, *, allow_reflink: list[bool]) -> None:
+    if allow_reflink[0]:
+        sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.ioctl(dfd, _FICLONE, sfd)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):
+                    raise
+                allow_reflink[0] = False
+            finally:
+                os.close(dfd)
+        finally:
+            os.close(sfd)
+        os.unlink(dst)
+    shutil.copyfile(src, dst, follow_symlinks=False)
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """Copy ``src`` to a new directory ``dst`` with metadata; symlinks stay symlinks."""
+    as_root = os.geteuid() == 0
+    reflink = [True]
+    dirs: list[tuple[str, os.stat_result]] = []
+    os.mkdir(dst, 0o700)
+    dirs.append((os.fspath(dst), os.stat(src)))
+    stack = [(os.fspath(src), os.fspath(dst))]
+    while stack:
+        s_dir, d_dir = stack.pop()
+        with os.scandir(s_dir) as it:
+            for de in it:
+                d = os.path.join(d_dir, de.name)
+                st = de.stat(follow_symlinks=False)
+                mode = st.st_mode
+                if stat.S_ISDIR(mode):
+                    os.mkdir(d, 0o700)
+                    dirs.append((d, st))
+                    stack.append((de.path, d))
+                    continue
+                if stat.S_ISLNK(mode):
+                    os.symlink(os.readlink(de.path), d)
+                elif stat.S_ISREG(mode):
+                    _clone_or_copy(de.path, d, allow_reflink=reflink)
+                    shutil.copystat(de.path, d, follow_symlinks=False)
+                elif stat.S_ISFIFO(mode):
+                    os.mkfifo(d, stat.S_IMODE(mode))
+                    os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns))
+                else:
+                    continue  # sockets, devices: not tracked
+                if as_root:
+                    os.lchown(d, st.st_uid, st.st_gid)
+    # Directory metadata last, deepest first, so child creation does not bump mtimes.
+    for d, st in reversed(dirs):
+        os.chmod(d, stat.S_IMODE(st.st_mode))
+        if as_root:
+            os.lchown(d, st.st_uid, st.st_gid)
+        os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _make_writable_and_remove(path: Path) -> None:
+    """rmtree that also removes entries of directories without write permission."""
+    if not os.path.lexists(path):
+        return
+    if os.path.isdir(path) and not os.path.islink(path):
+        for dirpath, _dirnames, _files in os.walk(path):
+            try:
+                os.chmod(dirpath, 0o700)
+            except FileNotFoundError:
+                pass
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+class CopyBackend:
+    """Fork by copying; commit by journaled rename. See the module docstring."""
+
+    name = "copy"
+
+    def __init__(self) -> None:
+        self._root: Path | None = None
+        self._state: Path | None = None
+        self._caches: dict[str | None, HashCache] = {}
+        self._manifests: dict[str, Manifest] = {}
+
+    # -- helpers -------------------------------------------------------------
+
+    def _require(self) -> tuple[Path, Path]:
+        if self._root is None or self._state is None:
+            raise WorkspaceClosed("the copy backend is not open")
+        return self._root, self._state
+
+    def _branch_dir(self, name: str) -> Path:
+        return self._require()[1] / "copy" / "branches" / name
+
+    def path(self, name: str | None) -> Path:
+        root, _ = self._require()
+        if name is None:
+            return root
+        return self._branch_dir(name) / "tree"
+
+    def exists(self, name: str) -> bool:
+        d = self._branch_dir(name)
+        return (d / "tree").is_dir() and (d / "manifest.json").is_file()
+
+    def _scan(self, name: str | None) -> Manifest:
+        manifest, cache = scan(self.path(name), self._caches.get(name))
+        self._caches[name] = cache
+        return manifest
+
+    def _fork_manifest(self, name: str) -> Manifest:
+        m = self._manifests.get(name)
+        if m is None:
+            raw = json.loads((self._branch_dir(name) / "manifest.json").read_bytes())
+            m = {p: Entry.from_json(e) for p, e in raw.items()}
+            self._manifests[name] = m
+        return m
+
+    # -- Backend protocol ----------------------------------------------------
+
+    async def open(self, root: Path, state_dir: Path) -> None:
+        self._root, self._state = root, state_dir
+        (state_dir / "copy" / "branches").mkdir(parents=True, exist_ok=True)
+        await anyio.to_thread.run_sync(_journal.recover, state_dir / "journal")
+
+    def _create_sync(self, name: str, parent: str | None) -> Path:
+        d = self._branch_dir(name)
+        d.mkdir(parents=True)
+        try:
+            manifest = self._scan(parent)
+            copy_tree(self.path(parent), d / "tree")
+            data = json.dumps({p: e.to_json() for p, e in manifest.items()})
+            (d / "manifest.json").write_text(data)
+        except BaseException:
+            _make_writable_and_remove(d)
+            raise
+        self._manifests[name] = manifest
+        return d / "tree"
+
+    async def create(self, name: str, parent: str | None) -> Path:
+        return await anyio.to_thread.run_sync(self._create_sync, name, parent)
+
+    def _commit_sync(self, name: str, parent: str | None) -> list[Change]:
+        _, state = self._require()
+        snapshot = self._fork_manifest(name)
+        ours = self._scan(name)
+        theirs = self._scan(parent)
+        ours_changed = changed_paths(snapshot, ours)
+        theirs_changed = changed_paths(snapshot, theirs)
+        conflicts = find_conflicts(ours_changed, ours, theirs_changed, theirs)
+        if conflicts:
+            shown = ", ".join(conflicts[:5]) + (" ..." if len(conflicts) > 5 else "")
+            raise ConflictError(
+                f"branch {name!r} and its parent both changed {len(conflicts)} path(s) "
+                f"since the fork: {shown}",
+                tuple(conflicts),
+            )
+        tree = self.path(name)
+        ops = _journal.build_plan(ours_changed, theirs, ours, lambda p: tree / p)
+        _journal.apply(self.path(parent), state / "journal", ops)
+        self._caches.pop(parent, None)
+        changes = to_changes(snapshot, ours)
+        self._release(name)
+        return changes
+
+    async def commit(self, name: str, parent: str | None) -> list[Change]:
+        return await anyio.to_thread.run_sync(self._commit_sync, name, parent)
+
+    def _release(self, name: str) -> None:
+        self._manifests.pop(name, None)
+        self._caches.pop(name, None)
+        _make_writable_and_remove(self._branch_dir(name))
+
+    async def abort(self, name: str) -> None:
+        await anyio.to_thread.run_sync(self._release, name)
+
+    async def changes(self, name: str, parent: str | None) -> list[Change]:
+        def run() -> list[Change]:
+            return to_changes(self._fork_manifest(name), self._scan(name))
+
+        return await anyio.to_thread.run_sync(run)
+
+    async def old_content(self, name: str, parent: str | None, path: str) -> bytes | None:
+        def run() -> bytes | None:
+            entry = self._fork_manifest(name).get(path)
+            if entry is None or entry.type is not EntryType.FILE:
+                return None
+            src = self.path(parent) / path
+            try:
+                data = src.read_bytes()
+            except OSError:
+                return None
+            return data if hash_file(src) == entry.digest else None
+
+        return await anyio.to_thread.run_sync(run)
+
+    async def aclose(self) -> None:
+        self._caches.clear()
+        self._manifests.clear()
+        self._root = self._state = None

@@ -1,0 +1,56 @@
+"""Resource limits for processes run in a branch."""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+
+__all__ = ["Limits", "parse_size"]
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: int | str | None) -> int | None:
+    """Bytes from an int or a human size: ``"512M"``, ``"1.5G"``, ``"64KiB"``."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError("a size must be an int or a string like '512M', not a bool")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"size must be positive, got {value}")
+        return value
+    m = _SIZE.match(value)
+    if m is None:
+        raise ValueError(f"cannot read {value!r} as a size; use e.g. 512M, 1.5G, 4096")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return n
+
+
+def _positive_or_none(name: str) -> object:
+    def check(_inst: object, _attr: object, value: float | int | None) -> None:
+        if value is not None and value <= 0:
+            raise ValueError(f"Limits.{name} must be positive, got {value}")
+
+    return check
+
+
+@attrs.frozen(kw_only=True)
+class Limits:
+    """Limits for one process tree. ``None`` means unlimited.
+
+    ``memory`` and ``output`` take bytes or human sizes (``"512M"``); ``cpu`` is
+    a number of CPUs (``1.5``); ``timeout`` is wall-clock seconds; ``network``
+    false gives the process an empty network namespace.
+    """
+
+    memory: int | None = attrs.field(default=None, converter=parse_size)
+    pids: int | None = attrs.field(default=None, validator=_positive_or_none("pids"))  # type: ignore[arg-type]
+    cpu: float | None = attrs.field(default=None, validator=_positive_or_none("cpu"))  # type: ignore[arg-type]
+    timeout: float | None = attrs.field(default=None, validator=_positive_or_none("timeout"))  # type: ignore[arg-type]
+    output: int | None = attrs.field(default=10 << 20, converter=parse_size)
+    network: bool = True

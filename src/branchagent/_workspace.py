@@ -1,0 +1,535 @@
+"""open_workspace() and the Workspace: a backend plus the tree of branches."""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.to_thread
+import structlog
+
+from ._backends import load_backend
+from ._branch import Backend, Branch, BranchState, Change, check_branch_name, resolve_inside
+from ._diff import render_diff
+from ._limits import Limits
+from ._sandbox._run import RunResult, run_in
+from .exceptions import (
+    BackendNotFound,
+    BranchClosed,
+    BranchExists,
+    BranchInvalidated,
+    BranchNotFound,
+    WorkspaceClosed,
+    WorkspaceCorrupt,
+    WorkspaceLocked,
+)
+
+if TYPE_CHECKING:
+    from contextlib import AbstractAsyncContextManager
+
+__all__ = ["Workspace", "WorkspaceBranch", "open_workspace"]
+
+log = structlog.get_logger("branchagent")
+
+_CLOSE_TIMEOUT = 60.0
+
+
+class WorkspaceBranch:
+    """A branch of a :class:`Workspace` (implements the :class:`Branch` protocol)."""
+
+    def __init__(self, ws: Workspace, name: str, parent: WorkspaceBranch | None, path: Path) -> None:
+        self._ws = ws
+        self._name = name
+        self._parent = parent
+        self._path = path
+        self._state = BranchState.OPEN
+        self._why_closed = ""
+        self._children: list[WorkspaceBranch] = []
+        self._lock = anyio.Lock()
+        self._runs: set[anyio.CancelScope] = set()
+        self.depth: int = 0 if parent is None else parent.depth + 1
+        self.created = time.time()
+
+    # -- properties ----------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def parent(self) -> WorkspaceBranch | None:
+        return self._parent
+
+    @property
+    def state(self) -> BranchState:
+        return self._state
+
+    @property
+    def workspace(self) -> Workspace:
+        return self._ws
+
+    @property
+    def children(self) -> list[WorkspaceBranch]:
+        """Open children of this branch."""
+        return [c for c in self._children if c._state is BranchState.OPEN]
+
+    def __repr__(self) -> str:
+        return f"<Branch {self._name!r} {self._state.value} depth={self.depth}>"
+
+    def _check_open(self) -> None:
+        self._ws._check_open()
+        if self._state is BranchState.INVALIDATED:
+            raise BranchInvalidated(f"branch {self._name!r} is invalidated: {self._why_closed}")
+        if self._state is not BranchState.OPEN:
+            raise BranchClosed(f"branch {self._name!r} is {self._state.value}: {self._why_closed}")
+
+    # -- operations ----------------------------------------------------------
+
+    async def fork(self, name: str | None = None) -> WorkspaceBranch:
+        """A new branch seeing this one exactly as it is now."""
+        return await self._ws._fork(self, name)
+
+    def branch(self, name: str | None = None) -> AbstractAsyncContextManager[Branch]:
+        """Fork a child; commit it on clean exit, abort it on exception."""
+        return _branch_cm(self.fork, name)
+
+    async def commit(self) -> None:
+        """Merge into the parent (the base for a top-level branch); siblings are invalidated."""
+        await self._ws._commit(self)
+
+    async def abort(self) -> None:
+        """Discard this branch and its descendants. Aborting a closed branch is a no-op."""
+        if self._state is not BranchState.OPEN:
+            return
+        await self._ws._abort(self, BranchState.ABORTED, "aborted")
+
+    async def changes(self) -> list[Change]:
+        """What this branch changed since its fork."""
+        self._check_open()
+        async with self._lock:
+            self._check_open()
+            return await self._ws._backend.changes(self._name, self._parent_name())
+
+    async def diff(self) -> str:
+        """Unified diff of this branch against its parent at the fork."""
+        changes = await self.changes()
+        parent = self._parent_name()
+
+        async def old(path: str) -> bytes | None:
+            return await self._ws._backend.old_content(self._name, parent, path)
+
+        return await render_diff(changes, self._path, old)
+
+    def resolve(self, path: str | os.PathLike[str]) -> Path:
+        """``path`` (relative, or absolute under the workspace path) inside this branch.
+
+        Raises ``PathEscapeError`` when it resolves outside the branch (``..``, symlinks).
+        """
+        self._check_open()
+        raw = os.fspath(path)
+        if os.path.isabs(raw):
+            ws_root = self._ws.path
+            try:
+                raw = os.path.relpath(raw, ws_root)
+            except ValueError:
+                raw = os.fspath(path)
+            if raw.startswith(".."):
+                raw = os.fspath(path)
+        return resolve_inside(self._path, raw)
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        limits: Limits | None = None,
+        isolate: bool = True,
+        env: Mapping[str, str] | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+    ) -> RunResult:
+        """Run ``argv`` in this branch (see :mod:`branchagent._sandbox._run`).
+
+        With ``isolate=True`` the process sees this branch at the workspace's
+        original path. Aborting the branch kills the process tree; the result
+        then says ``killed="aborted"``.
+        """
+        self._check_open()
+        scope = anyio.CancelScope()
+        self._runs.add(scope)
+        started = time.monotonic()
+        try:
+            with scope:
+                return await run_in(
+                    self._path, self._ws.path, argv, limits=limits, isolate=isolate, env=env,
+                    stdin=stdin, timeout=timeout, scratch=self._ws._scratch,
+                )
+        finally:
+            self._runs.discard(scope)
+        return RunResult(
+            argv=tuple(argv), returncode=-9, stdout="", stderr="",
+            duration=time.monotonic() - started, killed="aborted", isolated=isolate,
+        )
+
+    # -- internals -------------------------------------------------------------
+
+    def _parent_name(self) -> str | None:
+        return self._parent._name if self._parent is not None else None
+
+    def _descendants(self) -> list[WorkspaceBranch]:
+        out: list[WorkspaceBranch] = []
+        for c in self._children:
+            if c._state is BranchState.OPEN:
+                out.extend(c._descendants())
+                out.append(c)
+        return out  # deepest first
+
+
+@asynccontextmanager
+async def _branch_cm(
+    fork: object, name: str | None
+) -> AsyncIterator[Branch]:
+    b: WorkspaceBranch = await fork(name)  # type: ignore[operator]
+    try:
+        yield b
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await b.abort()
+        raise
+    if b.state is BranchState.OPEN:
+        try:
+            await b.commit()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await b.abort()
+            raise
+
+
+class Workspace:
+    """A directory whose branches a backend manages. Get one from :func:`open_workspace`."""
+
+    def __init__(self, path: Path, state_dir: Path, backend: Backend) -> None:
+        self.path = path
+        self.state_dir = state_dir
+        self._backend = backend
+        self._closed = False
+        self._lock = anyio.Lock()
+        self._base_lock = anyio.Lock()
+        self._open: dict[str, WorkspaceBranch] = {}
+        self._top: list[WorkspaceBranch] = []
+        self._counter = itertools.count(1)
+        self._scratch = state_dir / "runs"
+        self._lock_fd: int | None = None
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    def __repr__(self) -> str:
+        return f"<Workspace {str(self.path)!r} backend={self._backend.name!r} open={len(self._open)}>"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise WorkspaceClosed(f"workspace {self.path} is closed")
+
+    # -- public ----------------------------------------------------------------
+
+    async def fork(self, name: str | None = None) -> WorkspaceBranch:
+        """A new top-level branch seeing the base exactly as it is now."""
+        return await self._fork(None, name)
+
+    def branch(self, name: str | None = None) -> AbstractAsyncContextManager[Branch]:
+        """Fork a top-level branch; commit it on clean exit, abort it on exception."""
+        return _branch_cm(self.fork, name)
+
+    def branches(self) -> list[WorkspaceBranch]:
+        """Every open branch, parents before children."""
+        return sorted(self._open.values(), key=lambda b: (b.depth, b.created, b.name))
+
+    def get(self, name: str) -> WorkspaceBranch:
+        """The open branch called ``name``."""
+        check_branch_name(name)
+        try:
+            return self._open[name]
+        except KeyError:
+            raise BranchNotFound(f"no open branch named {name!r} in {self.path}") from None
+
+    # -- lifecycle internals --------------------------------------------------------
+
+    def _tree_lock(self, parent: WorkspaceBranch | None) -> anyio.Lock:
+        return self._base_lock if parent is None else parent._lock
+
+    def _new_name(self) -> str:
+        while True:
+            name = f"b{next(self._counter)}"
+            if name not in self._open and not self._backend.exists(name):
+                return name
+
+    async def _fork(self, parent: WorkspaceBranch | None, name: str | None) -> WorkspaceBranch:
+        self._check_open()
+        if parent is not None:
+            parent._check_open()
+        started = time.perf_counter()
+        async with self._lock:
+            if name is None:
+                name = self._new_name()
+            else:
+                check_branch_name(name)
+                if name in self._open or self._backend.exists(name):
+                    raise BranchExists(f"a branch named {name!r} already exists in {self.path}")
+            placeholder = WorkspaceBranch(self, name, parent, Path())
+            self._open[name] = placeholder  # reserve the name
+        try:
+            async with self._tree_lock(parent):
+                if parent is not None:
+                    parent._check_open()
+                path = await self._backend.create(name, parent._name if parent else None)
+        except BaseException:
+            self._open.pop(name, None)
+            raise
+        b = placeholder
+        b._path = path
+        (parent._children if parent is not None else self._top).append(b)
+        await self._persist()
+        log.info("branch_forked", branch=name, parent=parent.name if parent else None,
+                 depth=b.depth, duration_ms=round((time.perf_counter() - started) * 1e3, 3))
+        return b
+
+    async def _commit(self, b: WorkspaceBranch) -> None:
+        b._check_open()
+        started = time.perf_counter()
+        parent = b._parent
+        async with self._tree_lock(parent), b._lock:
+            b._check_open()
+            if parent is not None:
+                parent._check_open()
+            changes = await self._backend.commit(b._name, b._parent_name())
+            # Point of no return: the data is in the parent.
+            with anyio.CancelScope(shield=True):
+                b._state = BranchState.COMMITTED
+                b._why_closed = "committed"
+                self._open.pop(b._name, None)
+                siblings = parent._children if parent is not None else self._top
+                losers: list[WorkspaceBranch] = []
+                for s in siblings:
+                    if s is not b and s._state is BranchState.OPEN:
+                        losers.extend(s._descendants())
+                        losers.append(s)
+                losers = b._descendants() + losers
+                for loser in losers:
+                    loser._state = BranchState.INVALIDATED
+                    into = repr(parent._name) if parent is not None else "the base"
+                    loser._why_closed = f"{b._name!r} committed first into {into}"
+                    self._open.pop(loser._name, None)
+                    for scope in loser._runs:
+                        scope.cancel()
+                siblings[:] = [s for s in siblings if s is not b and s._state is BranchState.OPEN]
+                await self._release(losers)
+                await self._persist()
+        log.info("branch_committed", branch=b._name, parent=parent.name if parent else None,
+                 depth=b.depth, changes=len(changes),
+                 invalidated=[x._name for x in losers],
+                 duration_ms=round((time.perf_counter() - started) * 1e3, 3))
+
+    async def _abort(self, b: WorkspaceBranch, state: BranchState, why: str) -> None:
+        with anyio.CancelScope(shield=True):
+            started = time.perf_counter()
+            victims = [*b._descendants(), b]
+            for v in victims:
+                if v._state is BranchState.OPEN:
+                    v._state = state
+                    v._why_closed = why
+                    self._open.pop(v._name, None)
+                    for scope in v._runs:
+                        scope.cancel()
+            siblings = b._parent._children if b._parent is not None else self._top
+            if b in siblings:
+                siblings.remove(b)
+            async with b._lock:
+                await self._release(victims)
+            await self._persist()
+            log.info("branch_aborted", branch=b._name,
+                     parent=b._parent.name if b._parent else None, depth=b.depth,
+                     descendants=len(victims) - 1,
+                     duration_ms=round((time.perf_counter() - started) * 1e3, 3))
+
+    async def _release(self, victims: list[WorkspaceBranch]) -> None:
+        for v in victims:
+            try:
+                await self._backend.abort(v._name)
+            except OSError as exc:  # storage left behind is cleaned at the next open
+                log.warning("branch_release_failed", branch=v._name, error=str(exc))
+            if v._state is BranchState.INVALIDATED:
+                log.info("branch_invalidated", branch=v._name, reason=v._why_closed)
+
+    # -- persistence -----------------------------------------------------------------
+
+    def _meta_path(self) -> Path:
+        return self.state_dir / "branches.json"
+
+    async def _persist(self) -> None:
+        data = {
+            b.name: {"parent": b._parent_name(), "created": b.created}
+            for b in self.branches()
+        }
+        path = self._meta_path()
+
+        def write() -> None:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"version": 1, "backend": self._backend.name,
+                                       "branches": data}))
+            os.replace(tmp, path)
+
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(write)
+
+    async def _restore(self) -> None:
+        """Rebuild the branch tree left by a crashed process."""
+        path = self._meta_path()
+        if not path.exists():
+            return
+        try:
+            raw = json.loads(path.read_text())
+            entries: dict[str, dict[str, object]] = raw["branches"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise WorkspaceCorrupt(f"cannot read {path}: {exc}") from exc
+        pending = dict(entries)
+        while pending:
+            progressed = False
+            for name, meta in list(pending.items()):
+                pname = meta.get("parent")
+                if pname is not None and pname not in self._open:
+                    if pname in pending:
+                        continue
+                    pending.pop(name)  # parent gone: orphan
+                    await self._backend.abort(name)
+                    progressed = True
+                    continue
+                pending.pop(name)
+                progressed = True
+                if not self._backend.exists(name):
+                    log.warning("branch_lost", branch=name, reason="its storage is gone")
+                    continue
+                parent = self._open.get(pname) if isinstance(pname, str) else None
+                b = WorkspaceBranch(self, name, parent, self._backend.path(name))
+                created = meta.get("created")
+                b.created = float(created) if isinstance(created, int | float) else time.time()
+                (parent._children if parent else self._top).append(b)
+                self._open[name] = b
+            if not progressed:
+                break
+        if self._open:
+            log.info("branches_restored", count=len(self._open), names=sorted(self._open))
+
+    # -- open / close -------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Abort every open branch, close the backend, release the lock. Idempotent."""
+        if self._closed:
+            return
+        with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+            for b in list(reversed(self.branches())):
+                if b.state is BranchState.OPEN:
+                    try:
+                        await self._abort(b, BranchState.ABORTED, "workspace closed")
+                    except Exception as exc:  # keep closing; log what we could not release
+                        log.warning("close_abort_failed", branch=b.name, error=str(exc))
+            self._closed = True
+            try:
+                await self._backend.aclose()
+            finally:
+                self._unlock()
+
+    async def _detach(self) -> None:
+        """Close without aborting: branches survive for the next open (used after errors)."""
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+            try:
+                await self._backend.aclose()
+            finally:
+                self._unlock()
+
+    def _lock_state(self) -> None:
+        fd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise WorkspaceLocked(
+                f"workspace {self.path} is open in another process (lock {self.state_dir}/lock)"
+            ) from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def default_state_dir(path: Path) -> Path:
+    """``<parent>/.<name>.branchagent``: beside the workspace, on the same filesystem."""
+    return path.parent / f".{path.name}.branchagent"
+
+
+@asynccontextmanager
+async def open_workspace(
+    path: str | os.PathLike[str],
+    *,
+    backend: str | Backend = "fuse",
+    state_dir: str | os.PathLike[str] | None = None,
+    keep_branches: bool = False,
+) -> AsyncIterator[Workspace]:
+    """Open ``path`` as a workspace whose branches ``backend`` manages.
+
+    ``backend`` is a name from the ``branchagent.backends`` entry points
+    (``"fuse"`` by default) or a backend instance. ``state_dir`` holds branch
+    data and metadata; by default it sits beside the workspace, on the same
+    filesystem, so commits move data by rename. On exit every open branch is
+    aborted (``keep_branches=True`` leaves them for a later open instead) and
+    the workspace holds exactly what was committed. Branches left by a
+    crashed process are listed again by :meth:`Workspace.branches`.
+    """
+    root = Path(os.path.abspath(path))
+    if not root.is_dir():
+        raise FileNotFoundError(f"workspace {root} is not a directory")
+    root = Path(os.path.realpath(root))
+    sdir = Path(os.path.abspath(state_dir)) if state_dir is not None else default_state_dir(root)
+    if sdir == root or root in sdir.parents:
+        raise ValueError(f"state_dir {sdir} must not be inside the workspace {root}")
+    if isinstance(backend, str):
+        be = load_backend(backend)
+    elif isinstance(backend, Backend):
+        be = backend
+    else:
+        raise BackendNotFound(f"backend must be a name or a Backend instance, not {backend!r}")
+    await anyio.to_thread.run_sync(lambda: (sdir / "runs").mkdir(parents=True, exist_ok=True))
+    ws = Workspace(root, sdir, be)
+    ws._lock_state()
+    try:
+        await be.open(root, sdir)
+        await ws._restore()
+    except BaseException:
+        ws._unlock()
+        raise
+    log.info("workspace_opened", path=str(root), backend=be.name, state_dir=str(sdir),
+             restored=len(ws._open))
+    try:
+        yield ws
+    finally:
+        if keep_branches:
+            await ws._detach()
+        else:
+            await ws.aclose()
