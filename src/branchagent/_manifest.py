@@ -33,6 +33,7 @@ __all__ = [
     "Manifest",
     "changed_paths",
     "find_conflicts",
+    "merge_paths",
     "parent_of",
     "scan",
     "to_changes",
@@ -64,6 +65,14 @@ class Entry:
         if self.type is EntryType.FILE:
             return self.digest == other.digest and self.mtime_ns == other.mtime_ns
         return True
+
+    def equivalent(self, other: Entry | None) -> bool:
+        """Same type, mode and content (or target); mtime ignored."""
+        if other is None or other.type is not self.type:
+            return False
+        if self.type is EntryType.SYMLINK:
+            return self.target == other.target
+        return self.mode == other.mode and self.digest == other.digest
 
     def same_content(self, other: Entry | None) -> bool:
         if other is None or other.type is not self.type:
@@ -182,9 +191,18 @@ def scan(
     return out, HashCache(new_digests, started - RACY_MARGIN_NS)
 
 
-def changed_paths(before: Mapping[str, Entry], after: Mapping[str, Entry]) -> set[str]:
-    """Paths whose entry differs (added, deleted, or not the same)."""
-    out = {p for p, e in after.items() if not e.same(before.get(p))}
+def changed_paths(
+    before: Mapping[str, Entry], after: Mapping[str, Entry], *, strict: bool = True
+) -> set[str]:
+    """Paths whose entry differs: added, deleted, or changed.
+
+    ``strict`` counts a file whose only change is its mtime (a touch, or a
+    rewrite with identical bytes); otherwise only type, mode and content count.
+    """
+    if strict:
+        out = {p for p, e in after.items() if not e.same(before.get(p))}
+    else:
+        out = {p for p, e in after.items() if not e.equivalent(before.get(p))}
     out.update(p for p in before if p not in after)
     return out
 
@@ -207,7 +225,9 @@ def find_conflicts(
 ) -> list[str]:
     """Paths changed on both sides in incompatible ways.
 
-    A path changed on both sides conflicts unless both made the same change.
+    The sets are *loose* changes (``changed_paths(strict=False)``): a touch
+    never conflicts. A path changed on both sides conflicts unless both made
+    the same change (same type, mode and content).
     A path changed on one side also conflicts when the other side deleted or
     replaced (with a non-directory) one of its ancestors.
     """
@@ -215,7 +235,7 @@ def find_conflicts(
     for p in ours_changed:
         if p in theirs_changed:
             o, t = ours_now.get(p), theirs_now.get(p)
-            if not (o is None and t is None) and not (o is not None and o.same(t)):
+            if not (o is None and t is None) and not (o is not None and o.equivalent(t)):
                 conflicts.add(p)
     for changed, other_changed, other_now in (
         (ours_changed, theirs_changed, theirs_now),
@@ -245,3 +265,23 @@ def to_changes(before: Mapping[str, Entry], after: Mapping[str, Entry]) -> list[
             out.append(Change(p, ChangeKind.MODIFIED, new.type, old.type,
                               metadata_only=new.same_content(old)))
     return out
+
+
+def merge_paths(
+    ours_before: Mapping[str, Entry],
+    ours_now: Mapping[str, Entry],
+    theirs_now: Mapping[str, Entry],
+    theirs_changed: set[str],
+) -> set[str]:
+    """Paths a commit must write into the parent (after conflicts were ruled out).
+
+    Every real change of ours, plus our touches (mtime-only changes) where the
+    parent still holds the same content: a touch never overrides a real edit.
+    """
+    strict = changed_paths(ours_before, ours_now)
+    loose = changed_paths(ours_before, ours_now, strict=False)
+    touched = {
+        p for p in strict - loose
+        if p not in theirs_changed and ours_now[p].equivalent(theirs_now.get(p))
+    }
+    return loose | touched

@@ -40,6 +40,7 @@ from .._manifest import (
     changed_paths,
     find_conflicts,
     hash_file,
+    merge_paths,
     scan,
     to_changes,
 )
@@ -198,8 +199,8 @@ class CopyBackend:
         snapshot = self._fork_manifest(name)
         ours = self._scan(name)
         theirs = self._scan(parent)
-        ours_changed = changed_paths(snapshot, ours)
-        theirs_changed = changed_paths(snapshot, theirs)
+        ours_changed = changed_paths(snapshot, ours, strict=False)
+        theirs_changed = changed_paths(snapshot, theirs, strict=False)
         conflicts = find_conflicts(ours_changed, ours, theirs_changed, theirs)
         if conflicts:
             shown = ", ".join(conflicts[:5]) + (" ..." if len(conflicts) > 5 else "")
@@ -209,7 +210,8 @@ class CopyBackend:
                 tuple(conflicts),
             )
         tree = self.path(name)
-        ops = _journal.build_plan(ours_changed, theirs, ours, lambda p: tree / p)
+        paths = merge_paths(snapshot, ours, theirs, theirs_changed)
+        ops = _journal.build_plan(paths, theirs, ours, lambda p: tree / p)
         _journal.apply(self.path(parent), state / "journal", ops)
         self._caches.pop(parent, None)
         changes = to_changes(snapshot, ours)

@@ -1,0 +1,37 @@
+"""Shared fixtures: every async test runs on asyncio and trio; backends are parametrized."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import branchagent as ba
+
+#: Backends the suite runs against: every one registered and usable here.
+BACKENDS = [name for name in ba.available_backends() if name in {"copy", "fuse", "overlay"}]
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Iterator[Path]:
+    """A small workspace: files, a nested dir, an empty dir, a symlink, an executable."""
+    root = tmp_path / "repo"
+    (root / "src" / "pkg").mkdir(parents=True)
+    (root / "empty").mkdir()
+    (root / "README.md").write_text("# demo\n")
+    (root / "src" / "pkg" / "mod.py").write_text("def f():\n    return 1\n")
+    (root / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    (root / "run.sh").chmod(0o755)
+    (root / "link").symlink_to("README.md")
+    yield root
