@@ -23,7 +23,9 @@ naturally catch (``LookupError``, ``ValueError``, ``OSError``, ...), so
     │   ├── ConflictError
     │   └── PathEscapeError              (ValueError)
     ├── SandboxError
-    │   └── IsolationUnavailable         (RuntimeError)
+    │   ├── IsolationUnavailable         (RuntimeError)
+    │   ├── ProcessKilled                (ChildProcessError)
+    │   └── RemoteError
     └── StrategyError
         ├── StrategyNotFound             (LookupError)
         └── CandidateError
@@ -50,6 +52,8 @@ __all__ = [
     "InvalidBranchName",
     "IsolationUnavailable",
     "PathEscapeError",
+    "ProcessKilled",
+    "RemoteError",
     "SandboxError",
     "StrategyError",
     "StrategyNotFound",
@@ -156,6 +160,29 @@ class SandboxError(BranchAgentError):
 
 class IsolationUnavailable(SandboxError, RuntimeError):
     """Namespaces are not permitted here; pass ``isolate=False`` to run unisolated."""
+
+
+class ProcessKilled(SandboxError, ChildProcessError):
+    """An isolated call's process ended without a result (killed, crashed).
+
+    ``result`` is the :class:`RunResult` of the process (``killed`` says why).
+    """
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class RemoteError(SandboxError):
+    """An isolated call raised an exception that could not be sent back as itself.
+
+    ``type_name`` is its qualified type name, ``traceback`` the child's text.
+    """
+
+    def __init__(self, type_name: str, message: str, traceback: str = "") -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.traceback = traceback
 
 
 # -- strategies --------------------------------------------------------------

@@ -1,0 +1,65 @@
+"""Child side of an isolated Python call: ``python -m branchagent._sandbox._child IN OUT``.
+
+Reads ``(fn, args, kwargs, info)`` pickled with cloudpickle from IN, calls
+``fn(branch, *args, **kwargs)`` (awaiting it if it is a coroutine function),
+and writes ``("ok", value)`` or ``("err", exception, traceback_text)`` to
+OUT. Files, not pipes: a result of any size gets through.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+
+class ChildBranch:
+    """What an isolated callable gets as its branch: a name and a path, read-only."""
+
+    def __init__(self, info: dict[str, Any]) -> None:
+        self.name: str = info["name"]
+        self.path: Path = Path(info["path"])
+        self.depth: int = info["depth"]
+
+    def __repr__(self) -> str:
+        return f"<ChildBranch {self.name!r} at {self.path}>"
+
+
+def main(argv: list[str]) -> int:
+    in_path, out_path = argv[1], argv[2]
+    fn, args, kwargs, info = cloudpickle.loads(Path(in_path).read_bytes())
+    branch = ChildBranch(info)
+    try:
+        if inspect.iscoroutinefunction(fn):
+            import anyio
+
+            async def call() -> Any:
+                return await fn(branch, *args, **kwargs)
+
+            value = anyio.run(call, backend=info.get("async_backend", "asyncio"))
+        else:
+            value = fn(branch, *args, **kwargs)
+        payload = ("ok", value)
+    except BaseException as exc:  # reported to the parent, which re-raises it
+        tb = "".join(traceback.format_exception(exc))
+        try:
+            cloudpickle.dumps(exc)
+            payload = ("err", exc, tb)
+        except Exception:
+            payload = ("err_raw", f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), tb)
+    try:
+        data = cloudpickle.dumps(payload)
+    except Exception as exc:
+        data = cloudpickle.dumps(
+            ("err_raw", "TypeError", f"result of {fn!r} cannot be pickled: {exc}", "")
+        )
+    Path(out_path).write_bytes(data)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
