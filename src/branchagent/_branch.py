@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
 
@@ -142,6 +142,20 @@ class Branch(Protocol):
         stdin: bytes | None = None,
         timeout: float | None = None,
     ) -> RunResult: ...
+
+    async def call(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        limits: Limits | None = None,
+        isolate: bool = True,
+        env: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> Any: ...
+
+    async def pause(self) -> None: ...
+
+    async def resume(self) -> None: ...
 
 
 def check_branch_name(name: object) -> str:

@@ -6,9 +6,9 @@ runs it in four steps:
 1. *intent*: the plan is written to ``<journal>/<txn>/plan.json`` and fsynced;
 2. *apply*: each op moves the old entry (if any) into ``<txn>/backup/<i>``
    with rename(2), then places the new one (rename from the source, or a
-   copy when the source is on another filesystem);
+   copy when the source is on another filesystem or in a read-only directory);
 3. *done*: a ``done`` marker is written and fsynced: the point of no return;
-4. *cleanup*: backups are removed.
+4. *cleanup*: backups, and the source trees the commit releases, are removed.
 
 If an op fails (ENOSPC, EACCES, ...) every op already applied is undone in
 reverse, the source files are moved back, and :class:`CommitFailed` is
@@ -22,11 +22,13 @@ Nothing is ever deleted before ``done``: undone entries go to ``<txn>/trash``.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import json
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -174,7 +176,9 @@ def _place(root: Path, op: Op, *, as_root: bool) -> None:
         try:
             os.rename(op.source, dest)
         except OSError as exc:
-            if exc.errno != errno.EXDEV:
+            # EXDEV: another filesystem. EACCES/EPERM: the source sits in a read-only
+            # directory of the branch (not root); copying needs no write access there.
+            if exc.errno not in (errno.EXDEV, errno.EACCES, errno.EPERM):
                 raise
             shutil.copy2(op.source, dest, follow_symlinks=False)
             os.chmod(dest, new.mode)
@@ -189,19 +193,29 @@ def _finish_dirs(root: Path, ops: list[Op]) -> None:
             os.chmod(root / op.path, op.new.mode)
 
 
-def apply(root: Path, journal_dir: Path, ops: list[Op]) -> None:
-    """Apply ``ops`` to ``root`` atomically (see the module docstring)."""
+def apply(
+    root: Path, journal_dir: Path, ops: list[Op], *, release: Iterable[Path] = ()
+) -> None:
+    """Apply ``ops`` to ``root`` atomically (see the module docstring).
+
+    ``release`` names trees (the committed branch's storage) removed once the
+    commit is done; the plan records them so recovery after ``done`` removes
+    them too, and a committed branch never reappears after a crash.
+    """
     if not ops:
         return
     txn = journal_dir / f"txn-{uuid.uuid4().hex}"
     backup = txn / "backup"
-    os.makedirs(backup)
-    plan = {"root": os.fspath(root), "ops": [op.to_json() for op in ops]}
-    _write_durable(txn / "plan.json", json.dumps(plan).encode())
-    _fault("intent")
+    plan = {"root": os.fspath(root), "ops": [op.to_json() for op in ops],
+            "release": [os.fspath(p) for p in release]}
     as_root = os.geteuid() == 0
     done_ops = 0
+    applying = False
     try:
+        os.makedirs(backup)
+        _write_durable(txn / "plan.json", json.dumps(plan).encode())
+        _fault("intent")
+        applying = True
         for i, op in enumerate(ops):
             _check_parent_chain(root, op.path)
             dest = root / op.path
@@ -215,8 +229,12 @@ def apply(root: Path, journal_dir: Path, ops: list[Op]) -> None:
             done_ops = i + 1
             _fault(f"op:{i}")
         _finish_dirs(root, ops)
+        _write_durable(txn / "done", b"done\n")
     except BaseException as exc:
-        _rollback(root, txn, ops, upto=done_ops + 1)
+        if os.path.lexists(txn / "done"):  # its fsync failed: not done, and must not look so
+            os.unlink(txn / "done")
+        if applying:
+            _rollback(root, txn, ops, upto=done_ops + 1)
         _remove_txn(txn)
         if isinstance(exc, OSError):
             raise CommitFailed(
@@ -225,14 +243,25 @@ def apply(root: Path, journal_dir: Path, ops: list[Op]) -> None:
                 exc.filename,
             ) from exc
         raise
-    _write_durable(txn / "done", b"done\n")
     _fault("done")
+    _release(plan["release"])
     _remove_txn(txn)
     _fault("cleaned")
 
 
 def _remove_txn(txn: Path) -> None:
-    shutil.rmtree(txn, ignore_errors=True)
+    _release([os.fspath(txn)])  # backups may hold read-only directories
+
+
+def _release(paths: object) -> None:
+    """Remove the trees a done commit releases (directories without write permission too)."""
+    for raw in paths if isinstance(paths, list) else []:
+        path = str(raw)
+        if os.path.isdir(path) and not os.path.islink(path):
+            for dirpath, _dirs, _files in os.walk(path):
+                with contextlib.suppress(OSError):
+                    os.chmod(dirpath, 0o700)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _lexists(path: Path) -> bool:
@@ -244,6 +273,13 @@ def _rollback(root: Path, txn: Path, ops: list[Op], *, upto: int | None = None) 
     backup = txn / "backup"
     trash = txn / "trash"
     count = len(ops) if upto is None else min(upto, len(ops))
+    # Directories this commit made or changed may be read-only by now (_finish_dirs);
+    # give them back write access so their entries can move. Undoing restores modes.
+    for op in ops[:count]:
+        d = root / op.path
+        if (op.new is not None and op.new.type is EntryType.DIR
+                and os.path.isdir(d) and not os.path.islink(d)):
+            os.chmod(d, stat.S_IMODE(os.lstat(d).st_mode) | 0o700)
     for i in reversed(range(count)):
         op = ops[i]
         dest = root / op.path
@@ -280,6 +316,9 @@ def recover(journal_dir: Path) -> list[str]:
         if not txn.name.startswith("txn-"):
             continue
         if (txn / "done").exists():
+            # The commit is complete; storage we fail to release is only space.
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                _release(json.loads((txn / "plan.json").read_bytes()).get("release"))
             _remove_txn(txn)
             report.append(f"{txn.name}: completed")
             continue

@@ -229,7 +229,8 @@ def find_conflicts(
     never conflicts. A path changed on both sides conflicts unless both made
     the same change (same type, mode and content).
     A path changed on one side also conflicts when the other side deleted or
-    replaced (with a non-directory) one of its ancestors.
+    replaced (with a non-directory) one of its ancestors, unless both sides
+    deleted it (both ran ``rm -rf d``: they agree).
     """
     conflicts: set[str] = set()
     for p in ours_changed:
@@ -242,6 +243,8 @@ def find_conflicts(
         (theirs_changed, ours_changed, ours_now),
     ):
         for p in changed:
+            if p not in ours_now and p not in theirs_now:
+                continue  # deleted on both sides (e.g. both removed its directory): agreed
             for a in _ancestors(p):
                 if a in other_changed:
                     e = other_now.get(a)

@@ -6,20 +6,24 @@ import fcntl
 import itertools
 import json
 import os
+import signal
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
+import sniffio
 import structlog
 
 from ._backends import load_backend
 from ._branch import Backend, Branch, BranchState, Change, check_branch_name, resolve_inside
 from ._diff import render_diff
 from ._limits import Limits
+from ._sandbox._cgroup import RunCgroup
+from ._sandbox._pycall import call_in
 from ._sandbox._run import RunResult, run_in
 from .exceptions import (
     BackendNotFound,
@@ -55,6 +59,7 @@ class WorkspaceBranch:
         self._children: list[WorkspaceBranch] = []
         self._lock = anyio.Lock()
         self._runs: set[anyio.CancelScope] = set()
+        self._active: dict[anyio.CancelScope, tuple[RunCgroup | None, int]] = {}
         self.depth: int = 0 if parent is None else parent.depth + 1
         self.created = time.time()
 
@@ -145,7 +150,7 @@ class WorkspaceBranch:
                 raw = os.path.relpath(raw, ws_root)
             except ValueError:
                 raw = os.fspath(path)
-            if raw.startswith(".."):
+            if raw == os.pardir or raw.startswith(os.pardir + os.sep):  # not "..foo"
                 raw = os.fspath(path)
         return resolve_inside(self._path, raw)
 
@@ -162,8 +167,10 @@ class WorkspaceBranch:
         """Run ``argv`` in this branch (see :mod:`branchagent._sandbox._run`).
 
         With ``isolate=True`` the process sees this branch at the workspace's
-        original path. Aborting the branch kills the process tree; the result
-        then says ``killed="aborted"``.
+        original path, in private mount and PID namespaces where the state
+        directory (other branches, the journal) is hidden. Its tree runs in
+        its own cgroup where the host allows. Aborting the branch kills the
+        tree; the result then says ``killed="aborted"``.
         """
         self._check_open()
         scope = anyio.CancelScope()
@@ -174,13 +181,77 @@ class WorkspaceBranch:
                 return await run_in(
                     self._path, self._ws.path, argv, limits=limits, isolate=isolate, env=env,
                     stdin=stdin, timeout=timeout, scratch=self._ws._scratch,
+                    hide=(self._ws.state_dir,), on_cgroup=self._track(scope),
                 )
         finally:
             self._runs.discard(scope)
+            self._active.pop(scope, None)
         return RunResult(
             argv=tuple(argv), returncode=-9, stdout="", stderr="",
             duration=time.monotonic() - started, killed="aborted", isolated=isolate,
         )
+
+    async def call(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        limits: Limits | None = None,
+        isolate: bool = True,
+        env: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Call ``fn(branch, *args, **kwargs)`` in a child process inside this branch's sandbox.
+
+        The child gets a read-only stand-in branch (``name``, ``path``,
+        ``depth``; ``path`` is the workspace's path when isolated). The value
+        comes back whatever its size; an exception is re-raised with its
+        original type and the child's traceback as a note. ``fn``, its
+        arguments and its result travel with cloudpickle. A child that dies
+        without a result raises ``ProcessKilled``.
+        """
+        self._check_open()
+        scope = anyio.CancelScope()
+        self._runs.add(scope)
+        try:
+            with scope:
+                return await call_in(
+                    self._path, self._ws.path, fn, args, kwargs, name=self._name,
+                    depth=self.depth, limits=limits, isolate=isolate, env=env,
+                    scratch=self._ws._scratch, hide=(self._ws.state_dir,),
+                    on_cgroup=self._track(scope), async_backend=sniffio.current_async_library(),
+                )
+        finally:
+            self._runs.discard(scope)
+            self._active.pop(scope, None)
+        raise BranchClosed(f"branch {self._name!r} was aborted while {fn!r} ran")
+
+    async def pause(self) -> None:
+        """Freeze every process running in this branch (cgroup freezer, else SIGSTOP)."""
+        self._check_open()
+        await anyio.to_thread.run_sync(self._signal_all, True)
+
+    async def resume(self) -> None:
+        """Thaw what :meth:`pause` froze."""
+        self._check_open()
+        await anyio.to_thread.run_sync(self._signal_all, False)
+
+    def _track(self, scope: anyio.CancelScope) -> Callable[[RunCgroup | None, int], None]:
+        def on_cgroup(cg: RunCgroup | None, pid: int) -> None:
+            if pid:
+                self._active[scope] = (cg, pid)
+            else:
+                self._active.pop(scope, None)
+
+        return on_cgroup
+
+    def _signal_all(self, freeze: bool) -> None:
+        for cg, pid in list(self._active.values()):
+            if cg is not None and cg.freeze(freeze):
+                continue
+            try:
+                os.killpg(pid, signal.SIGSTOP if freeze else signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
     # -- internals -------------------------------------------------------------
 
@@ -226,6 +297,7 @@ class Workspace:
         self._closed = False
         self._lock = anyio.Lock()
         self._base_lock = anyio.Lock()
+        self._persist_lock = anyio.Lock()  # one writer of branches.json at a time
         self._open: dict[str, WorkspaceBranch] = {}
         self._top: list[WorkspaceBranch] = []
         self._counter = itertools.count(1)
@@ -366,12 +438,15 @@ class Workspace:
 
     async def _release(self, victims: list[WorkspaceBranch]) -> None:
         for v in victims:
+            started = time.perf_counter()
             try:
                 await self._backend.abort(v._name)
             except OSError as exc:  # storage left behind is cleaned at the next open
                 log.warning("branch_release_failed", branch=v._name, error=str(exc))
             if v._state is BranchState.INVALIDATED:
-                log.info("branch_invalidated", branch=v._name, reason=v._why_closed)
+                log.info("branch_invalidated", branch=v._name, parent=v._parent_name(),
+                         depth=v.depth, reason=v._why_closed,
+                         duration_ms=round((time.perf_counter() - started) * 1e3, 3))
 
     # -- persistence -----------------------------------------------------------------
 
@@ -379,20 +454,24 @@ class Workspace:
         return self.state_dir / "branches.json"
 
     async def _persist(self) -> None:
-        data = {
-            b.name: {"parent": b._parent_name(), "created": b.created}
-            for b in self.branches()
-        }
         path = self._meta_path()
 
-        def write() -> None:
+        def write(data: dict[str, dict[str, object]]) -> None:
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps({"version": 1, "backend": self._backend.name,
                                        "branches": data}))
             os.replace(tmp, path)
 
+        # Serialised: concurrent forks/commits each persist, and two threads sharing
+        # branches.tmp made one os.replace fail (FileNotFoundError) after the branch
+        # was made. The tree is read under the lock, so the last write is the newest.
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(write)
+            async with self._persist_lock:
+                data: dict[str, dict[str, object]] = {
+                    b.name: {"parent": b._parent_name(), "created": b.created}
+                    for b in self.branches()
+                }
+                await anyio.to_thread.run_sync(write, data)
 
     async def _restore(self) -> None:
         """Rebuild the branch tree left by a crashed process."""
@@ -506,7 +585,8 @@ async def open_workspace(
     if not root.is_dir():
         raise FileNotFoundError(f"workspace {root} is not a directory")
     root = Path(os.path.realpath(root))
-    sdir = Path(os.path.abspath(state_dir)) if state_dir is not None else default_state_dir(root)
+    # realpath, like root: a state_dir reached through a symlink must not hide inside root.
+    sdir = Path(os.path.realpath(state_dir)) if state_dir is not None else default_state_dir(root)
     if sdir == root or root in sdir.parents:
         raise ValueError(f"state_dir {sdir} must not be inside the workspace {root}")
     if isinstance(backend, str):

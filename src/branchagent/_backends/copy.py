@@ -212,7 +212,7 @@ class CopyBackend:
         tree = self.path(name)
         paths = merge_paths(snapshot, ours, theirs, theirs_changed)
         ops = _journal.build_plan(paths, theirs, ours, lambda p: tree / p)
-        _journal.apply(self.path(parent), state / "journal", ops)
+        _journal.apply(self.path(parent), state / "journal", ops, release=[self._branch_dir(name)])
         self._caches.pop(parent, None)
         changes = to_changes(snapshot, ours)
         self._release(name)
@@ -242,10 +242,13 @@ class CopyBackend:
                 return None
             src = self.path(parent) / path
             try:
+                if not stat.S_ISREG(os.lstat(src).st_mode):
+                    return None  # replaced (by a symlink, a directory) since: never follow
                 data = src.read_bytes()
+                digest = hash_file(src)
             except OSError:
                 return None
-            return data if hash_file(src) == entry.digest else None
+            return data if digest == entry.digest else None
 
         return await anyio.to_thread.run_sync(run)
 

@@ -1,14 +1,17 @@
-"""Child side of an isolated Python call: ``python -m branchagent._sandbox._child IN OUT``.
+"""Child side of an isolated Python call: ``python -m branchagent._sandbox._child IN_FD OUT_FD``.
 
-Reads ``(fn, args, kwargs, info)`` pickled with cloudpickle from IN, calls
+Reads ``(fn, args, kwargs, info)`` pickled with cloudpickle from file
+descriptor IN_FD (inherited: the state directory is hidden inside the
+sandbox), calls
 ``fn(branch, *args, **kwargs)`` (awaiting it if it is a coroutine function),
 and writes ``("ok", value)`` or ``("err", exception, traceback_text)`` to
-OUT. Files, not pipes: a result of any size gets through.
+OUT_FD. Both are regular files, not pipes: a result of any size gets through.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -30,8 +33,9 @@ class ChildBranch:
 
 
 def main(argv: list[str]) -> int:
-    in_path, out_path = argv[1], argv[2]
-    fn, args, kwargs, info = cloudpickle.loads(Path(in_path).read_bytes())
+    in_fd, out_fd = int(argv[1]), int(argv[2])
+    with os.fdopen(in_fd, "rb") as f:
+        fn, args, kwargs, info = cloudpickle.loads(f.read())
     branch = ChildBranch(info)
     try:
         if inspect.iscoroutinefunction(fn):
@@ -57,7 +61,8 @@ def main(argv: list[str]) -> int:
         data = cloudpickle.dumps(
             ("err_raw", "TypeError", f"result of {fn!r} cannot be pickled: {exc}", "")
         )
-    Path(out_path).write_bytes(data)
+    with os.fdopen(out_fd, "wb") as f:
+        f.write(data)
     return 0
 
 

@@ -6,7 +6,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,8 @@ import cloudpickle
 
 from .._limits import Limits
 from ..exceptions import ProcessKilled, RemoteError, SandboxError
-from ._run import RunResult, run_in
+from ._cgroup import RunCgroup
+from ._spawn import check_markers, spawn
 
 __all__ = ["call_in"]
 
@@ -32,6 +33,8 @@ async def call_in(
     isolate: bool,
     env: Mapping[str, str] | None,
     scratch: Path | None,
+    hide: Sequence[Path] = (),
+    on_cgroup: Callable[[RunCgroup | None, int], None] | None = None,
     async_backend: str = "asyncio",
 ) -> Any:
     """Run ``fn(branch, *args, **kwargs)`` in a child process in the branch's sandbox.
@@ -39,35 +42,44 @@ async def call_in(
     Returns its value, or re-raises its exception (same type, with the child's
     traceback attached as a note). A result of any size gets through.
     """
+    info = {
+        "name": name,
+        "path": os.fspath(workspace_path if isolate else branch_path),
+        "depth": depth,
+        "async_backend": async_backend,
+    }
+    try:
+        blob = cloudpickle.dumps((fn, args, dict(kwargs), info))
+    except Exception as exc:
+        raise SandboxError(f"cannot send {fn!r} to an isolated process: {exc}") from exc
+    limits = limits or Limits()
     tmp = Path(tempfile.mkdtemp(prefix="call-", dir=scratch))
     try:
-        in_path, out_path = tmp / "in.pkl", tmp / "out.pkl"
-        info = {
-            "name": name,
-            "path": os.fspath(workspace_path if isolate else branch_path),
-            "depth": depth,
-            "async_backend": async_backend,
-        }
-        try:
-            in_path.write_bytes(cloudpickle.dumps((fn, args, dict(kwargs), info)))
-        except Exception as exc:
-            raise SandboxError(f"cannot send {fn!r} to an isolated process: {exc}") from exc
-        result: RunResult = await run_in(
-            branch_path, workspace_path,
-            [sys.executable, "-m", "branchagent._sandbox._child", os.fspath(in_path),
-             os.fspath(out_path)],
-            limits=limits, isolate=isolate, env=env, scratch=scratch,
-        )
-        if not out_path.exists():
-            raise ProcessKilled(
-                f"isolated call {getattr(fn, '__qualname__', fn)!r} ended without a result "
-                f"(returncode {result.returncode}, killed={result.killed!r}): "
-                f"{result.stderr[-2000:]}",
-                result,
+        (tmp / "in.pkl").write_bytes(blob)
+        with (tmp / "in.pkl").open("rb") as in_f, (tmp / "out.pkl").open("w+b") as out_f, \
+                (tmp / "stdout").open("wb") as so, (tmp / "stderr").open("w+b") as se, \
+                open(os.devnull, "rb") as devnull:
+            o = await spawn(
+                [sys.executable, "-m", "branchagent._sandbox._child",
+                 str(in_f.fileno()), str(out_f.fileno())],
+                branch_path=branch_path, workspace_path=workspace_path, hide=hide,
+                limits=limits, isolate=isolate, env=env, stdin=devnull, stdout=so, stderr=se,
+                pass_fds=(in_f.fileno(), out_f.fileno()), on_cgroup=on_cgroup,
             )
-        payload = cloudpickle.loads(out_path.read_bytes())
+            out_f.seek(0)
+            data = out_f.read()
+            se.seek(0)
+            err_tail = se.read()[-4000:].decode("utf-8", errors="replace")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    check_markers(isolate, o.returncode, err_tail, sys.executable, workspace_path)
+    if not data:
+        raise ProcessKilled(
+            f"isolated call {getattr(fn, '__qualname__', fn)!r} ended without a result "
+            f"(returncode {o.returncode}, killed={o.killed!r}): {err_tail}",
+            o,
+        )
+    payload = cloudpickle.loads(data)
     if payload[0] == "ok":
         return payload[1]
     if payload[0] == "err":
