@@ -6,6 +6,19 @@ from ._backends import available_backends, load_backend
 from ._branch import Backend, Branch, BranchState, Change, ChangeKind, EntryType
 from ._limits import Limits
 from ._sandbox._run import RunResult
+from ._strategy import (
+    Candidate,
+    Command,
+    Executor,
+    LocalExecutor,
+    Outcome,
+    Result,
+    Strategy,
+    Verdict,
+    available_strategies,
+    get_strategy,
+    run_candidate,
+)
 from ._workspace import Workspace, WorkspaceBranch, open_workspace
 from .exceptions import (
     BackendError,
@@ -36,11 +49,15 @@ from .exceptions import (
 
 __version__ = "0.1.0"
 
+# Last: the built-in strategies import branchagent._strategy, so they come after it.
+from branchagent_strategies import BestOfN, Speculate
+
 __all__ = [
     "Backend",
     "BackendError",
     "BackendNotFound",
     "BackendUnavailable",
+    "BestOfN",
     "Branch",
     "BranchAgentError",
     "BranchClosed",
@@ -49,22 +66,31 @@ __all__ = [
     "BranchInvalidated",
     "BranchNotFound",
     "BranchState",
+    "Candidate",
     "CandidateError",
     "Change",
     "ChangeKind",
+    "Command",
     "CommitFailed",
     "ConflictError",
     "EntryType",
+    "Executor",
     "InvalidBranchName",
     "IsolationUnavailable",
     "Limits",
+    "LocalExecutor",
+    "Outcome",
     "PathEscapeError",
     "ProcessKilled",
     "RemoteError",
+    "Result",
     "RunResult",
     "SandboxError",
+    "Speculate",
+    "Strategy",
     "StrategyError",
     "StrategyNotFound",
+    "Verdict",
     "Workspace",
     "WorkspaceBranch",
     "WorkspaceClosed",
@@ -72,6 +98,9 @@ __all__ = [
     "WorkspaceError",
     "WorkspaceLocked",
     "available_backends",
+    "available_strategies",
+    "get_strategy",
     "load_backend",
     "open_workspace",
+    "run_candidate",
 ]

@@ -1,0 +1,103 @@
+"""BestOfN: run every candidate to the end, commit the highest-scoring success."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from branchagent._strategy import (
+    Candidate,
+    Executor,
+    Outcome,
+    Strategy,
+    Target,
+    Trial,
+    Verdict,
+    check_max_parallel,
+    check_timeout,
+    deadline_after,
+    open_arena,
+    pick_best,
+)
+
+__all__ = ["BestOfN"]
+
+
+class BestOfN(Strategy):
+    """Run every candidate, score each, commit the best success.
+
+    A candidate's score is, in order of precedence: the score of
+    ``evaluate`` (a candidate-like callable, :class:`~branchagent.Command`
+    or strategy run on the candidate's branch after the candidate, only when
+    the candidate succeeded; its success is required too), else
+    ``scores[i]`` given from outside (e.g. a model's logprobs), else the
+    candidate's own score. The highest-scoring success is committed; a
+    number beats no score; ties go to the lowest index.
+
+    With ``commit=False`` nothing is committed: every branch is aborted, the
+    base stays pristine, and the outcome lists every ``(success, score)``
+    (``Outcome.best`` names the one that would have won). ``timeout`` bounds
+    the wall time of the run: candidates still running then are cancelled,
+    and the best among those that finished is committed.
+    """
+
+    name = "best_of_n"
+
+    def __init__(
+        self,
+        candidates: Sequence[Candidate],
+        *,
+        scores: Sequence[float] | None = None,
+        evaluate: Candidate | None = None,
+        commit: bool = True,
+        max_parallel: int | None = None,
+        timeout: float | None = None,
+        executor: Executor | None = None,
+    ) -> None:
+        self.candidates: tuple[Candidate, ...] = tuple(candidates)
+        if scores is not None:
+            scores = tuple(float(s) for s in scores)
+            if len(scores) != len(self.candidates):
+                raise ValueError(
+                    f"scores has {len(scores)} entries for {len(self.candidates)} candidates"
+                )
+        self.scores: tuple[float, ...] | None = scores
+        self.evaluate = evaluate
+        self.commit = commit
+        self.max_parallel = check_max_parallel(max_parallel)
+        self.timeout = check_timeout(timeout)
+        self.executor = executor
+
+    def __repr__(self) -> str:
+        return (f"BestOfN(<{len(self.candidates)} candidates>, commit={self.commit},"
+                f" max_parallel={self.max_parallel}, timeout={self.timeout})")
+
+    async def run(self, target: Target) -> Outcome:
+        deadline = deadline_after(self.timeout)
+        async with open_arena(target, strategy=self.name, executor=self.executor,
+                              max_parallel=self.max_parallel) as arena:
+
+            async def after(trial: Trial) -> None:
+                assert trial.verdict is not None
+                assert trial.branch is not None
+                verdict = trial.verdict
+                info: dict[str, Any] = {"candidate_score": verdict.score}
+                score = verdict.score
+                if self.scores is not None:
+                    score = info["prior_score"] = self.scores[trial.index]
+                success = verdict.success
+                if success and self.evaluate is not None:
+                    judged = await arena.executor.execute(self.evaluate, trial.branch)
+                    info["evaluate"] = {"success": judged.success, "score": judged.score,
+                                        **judged.info}
+                    success = judged.success
+                    if judged.score is not None:
+                        score = judged.score
+                trial.info.update(info)
+                trial.verdict = Verdict(success, score, verdict.info)
+
+            trials = await arena.run(self.candidates, deadline=deadline, after=after)
+            best = pick_best([t for t in trials if t.success])
+            if best is not None and self.commit:
+                await arena.commit(best)
+            return arena.outcome()
