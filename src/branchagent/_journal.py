@@ -158,7 +158,8 @@ def _check_parent_chain(root: Path, rel: str) -> None:
     real = os.path.realpath(root / parent)
     if real != os.path.join(os.path.realpath(root), parent):
         raise PathEscapeError(
-            f"{parent!r} in {root} is not a plain directory (symlink?); refusing to write through it"
+            f"{parent!r} in {root} is not a plain directory (symlink?); "
+            "refusing to write through it"
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import attrs
 
@@ -31,12 +32,13 @@ def parse_size(value: int | str | None) -> int | None:
     return n
 
 
-def _positive_or_none(name: str) -> object:
-    def check(_inst: object, _attr: object, value: float | int | None) -> None:
-        if value is not None and value <= 0:
-            raise ValueError(f"Limits.{name} must be positive, got {value}")
-
-    return check
+def _positive_or_none(_inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"Limits.{attr.name} must be a number, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"Limits.{attr.name} must be positive, got {value}")
 
 
 @attrs.frozen(kw_only=True)
@@ -49,8 +51,8 @@ class Limits:
     """
 
     memory: int | None = attrs.field(default=None, converter=parse_size)
-    pids: int | None = attrs.field(default=None, validator=_positive_or_none("pids"))  # type: ignore[arg-type]
-    cpu: float | None = attrs.field(default=None, validator=_positive_or_none("cpu"))  # type: ignore[arg-type]
-    timeout: float | None = attrs.field(default=None, validator=_positive_or_none("timeout"))  # type: ignore[arg-type]
+    pids: int | None = attrs.field(default=None, validator=_positive_or_none)
+    cpu: float | None = attrs.field(default=None, validator=_positive_or_none)
+    timeout: float | None = attrs.field(default=None, validator=_positive_or_none)
     output: int | None = attrs.field(default=10 << 20, converter=parse_size)
     network: bool = True

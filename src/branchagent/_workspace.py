@@ -49,7 +49,9 @@ _CLOSE_TIMEOUT = 60.0
 class WorkspaceBranch:
     """A branch of a :class:`Workspace` (implements the :class:`Branch` protocol)."""
 
-    def __init__(self, ws: Workspace, name: str, parent: WorkspaceBranch | None, path: Path) -> None:
+    def __init__(
+        self, ws: Workspace, name: str, parent: WorkspaceBranch | None, path: Path
+    ) -> None:
         self._ws = ws
         self._name = name
         self._parent = parent
@@ -309,7 +311,8 @@ class Workspace:
         return self._backend
 
     def __repr__(self) -> str:
-        return f"<Workspace {str(self.path)!r} backend={self._backend.name!r} open={len(self._open)}>"
+        return (f"<Workspace {str(self.path)!r} backend={self._backend.name!r} "
+                f"open={len(self._open)}>")
 
     def _check_open(self) -> None:
         if self._closed:
@@ -563,6 +566,20 @@ def default_state_dir(path: Path) -> Path:
     return path.parent / f".{path.name}.branchagent"
 
 
+def _resolve_paths(
+    path: str | os.PathLike[str], state_dir: str | os.PathLike[str] | None
+) -> tuple[Path, Path]:
+    root = Path(os.path.abspath(path))
+    if not root.is_dir():
+        raise FileNotFoundError(f"workspace {root} is not a directory")
+    root = Path(os.path.realpath(root))
+    # realpath, like root: a state_dir reached through a symlink must not hide inside root.
+    sdir = Path(os.path.realpath(state_dir)) if state_dir is not None else default_state_dir(root)
+    if sdir == root or root in sdir.parents:
+        raise ValueError(f"state_dir {sdir} must not be inside the workspace {root}")
+    return root, sdir
+
+
 @asynccontextmanager
 async def open_workspace(
     path: str | os.PathLike[str],
@@ -581,14 +598,7 @@ async def open_workspace(
     the workspace holds exactly what was committed. Branches left by a
     crashed process are listed again by :meth:`Workspace.branches`.
     """
-    root = Path(os.path.abspath(path))
-    if not root.is_dir():
-        raise FileNotFoundError(f"workspace {root} is not a directory")
-    root = Path(os.path.realpath(root))
-    # realpath, like root: a state_dir reached through a symlink must not hide inside root.
-    sdir = Path(os.path.realpath(state_dir)) if state_dir is not None else default_state_dir(root)
-    if sdir == root or root in sdir.parents:
-        raise ValueError(f"state_dir {sdir} must not be inside the workspace {root}")
+    root, sdir = await anyio.to_thread.run_sync(_resolve_paths, path, state_dir)
     if isinstance(backend, str):
         be = load_backend(backend)
     elif isinstance(backend, Backend):

@@ -4,7 +4,8 @@
     branchagent [-w DIR] diff BRANCH
     branchagent [-w DIR] commit BRANCH
     branchagent [-w DIR] abort BRANCH
-    branchagent [-w DIR] run [--timeout S] [--memory M] [--pids N] [--cpu C] [--no-isolate] -- CMD...
+    branchagent [-w DIR] run [--timeout S] [--memory M] [--pids N] [--cpu C]
+                             [--no-isolate] -- CMD...
 
 ``status``, ``diff``, ``commit`` and ``abort`` work on branches that survive
 in the workspace's state directory (for example those a crashed agent left).
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,7 +61,10 @@ def _recorded_backend(workspace: Path) -> str | None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="branchagent", description="Fork a workspace into branches, try candidates, commit the winner.")
+    p = argparse.ArgumentParser(
+        prog="branchagent",
+        description="Fork a workspace into branches, try candidates, commit the winner.",
+    )
     p.add_argument("-w", "--workspace", default=".", help="workspace directory (default: .)")
     p.add_argument("--backend", default=None,
                    help="backend name (default: the one recorded in the state dir, else fuse)")

@@ -58,11 +58,12 @@ def _clone_or_copy(src: str, dst: str, *, allow_reflink: list[bool]) -> None:
             dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.ioctl(dfd, _FICLONE, sfd)
-                return
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):
                     raise
                 allow_reflink[0] = False
+            else:
+                return
             finally:
                 os.close(dfd)
         finally:

@@ -228,7 +228,8 @@ class RunCgroup:
                 _write(d / "pids.max", str(limits.pids))
                 self.enforced.add("pids:cgroup2")
             if limits.cpu is not None and "cpu" in h.v2_controllers:
-                _write(d / "cpu.max", f"{max(1000, int(limits.cpu * _CPU_PERIOD_US))} {_CPU_PERIOD_US}")
+                quota = max(1000, int(limits.cpu * _CPU_PERIOD_US))
+                _write(d / "cpu.max", f"{quota} {_CPU_PERIOD_US}")
                 self.enforced.add("cpu:cgroup2")
         for c, parent in h.v1.items():
             need = {

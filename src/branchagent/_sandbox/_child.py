@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import cloudpickle
+import cloudpickle  # type: ignore[import-untyped]
 
 
 class ChildBranch:
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
             value = anyio.run(call, backend=info.get("async_backend", "asyncio"))
         else:
             value = fn(branch, *args, **kwargs)
-        payload = ("ok", value)
+        payload: tuple[Any, ...] = ("ok", value)
     except BaseException as exc:  # reported to the parent, which re-raises it
         tb = "".join(traceback.format_exception(exc))
         try:
@@ -61,8 +61,8 @@ def main(argv: list[str]) -> int:
         data = cloudpickle.dumps(
             ("err_raw", "TypeError", f"result of {fn!r} cannot be pickled: {exc}", "")
         )
-    with os.fdopen(out_fd, "wb") as f:
-        f.write(data)
+    with os.fdopen(out_fd, "wb") as out:
+        out.write(data)
     return 0
 
 

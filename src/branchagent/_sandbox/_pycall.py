@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-import cloudpickle
+import anyio
+import anyio.to_thread
+import cloudpickle  # type: ignore[import-untyped]
 
 from .._limits import Limits
 from ..exceptions import ProcessKilled, RemoteError, SandboxError
@@ -18,6 +21,34 @@ from ._cgroup import RunCgroup
 from ._spawn import check_markers, spawn
 
 __all__ = ["call_in"]
+
+
+def _open_files(
+    scratch: Path | None, blob: bytes
+) -> tuple[Path, contextlib.ExitStack, tuple[IO[bytes], ...]]:
+    tmp = Path(tempfile.mkdtemp(prefix="call-", dir=scratch))
+    stack = contextlib.ExitStack()
+    try:
+        (tmp / "in.pkl").write_bytes(blob)
+        files = (
+            stack.enter_context((tmp / "in.pkl").open("rb")),
+            stack.enter_context((tmp / "out.pkl").open("w+b")),
+            stack.enter_context((tmp / "stdout").open("wb")),
+            stack.enter_context((tmp / "stderr").open("w+b")),
+            stack.enter_context(open(os.devnull, "rb")),  # noqa: SIM115
+        )
+    except BaseException:
+        stack.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp, stack, files
+
+
+def _read_back(out_f: IO[bytes], err_f: IO[bytes]) -> tuple[bytes, str]:
+    out_f.seek(0)
+    data = out_f.read()
+    err_f.seek(0)
+    return data, err_f.read()[-4000:].decode("utf-8", errors="replace")
 
 
 async def call_in(
@@ -53,12 +84,10 @@ async def call_in(
     except Exception as exc:
         raise SandboxError(f"cannot send {fn!r} to an isolated process: {exc}") from exc
     limits = limits or Limits()
-    tmp = Path(tempfile.mkdtemp(prefix="call-", dir=scratch))
+    tmp, stack, (in_f, out_f, so, se, devnull) = await anyio.to_thread.run_sync(
+        _open_files, scratch, blob)
     try:
-        (tmp / "in.pkl").write_bytes(blob)
-        with (tmp / "in.pkl").open("rb") as in_f, (tmp / "out.pkl").open("w+b") as out_f, \
-                (tmp / "stdout").open("wb") as so, (tmp / "stderr").open("w+b") as se, \
-                open(os.devnull, "rb") as devnull:
+        with stack:
             o = await spawn(
                 [sys.executable, "-m", "branchagent._sandbox._child",
                  str(in_f.fileno()), str(out_f.fileno())],
@@ -66,12 +95,10 @@ async def call_in(
                 limits=limits, isolate=isolate, env=env, stdin=devnull, stdout=so, stderr=se,
                 pass_fds=(in_f.fileno(), out_f.fileno()), on_cgroup=on_cgroup,
             )
-            out_f.seek(0)
-            data = out_f.read()
-            se.seek(0)
-            err_tail = se.read()[-4000:].decode("utf-8", errors="replace")
+            data, err_tail = await anyio.to_thread.run_sync(_read_back, out_f, se)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(shutil.rmtree, tmp, True)
     check_markers(isolate, o.returncode, err_tail, sys.executable, workspace_path)
     if not data:
         raise ProcessKilled(
@@ -83,8 +110,8 @@ async def call_in(
     if payload[0] == "ok":
         return payload[1]
     if payload[0] == "err":
-        exc, tb = payload[1], payload[2]
-        exc.add_note(f"raised in an isolated process; its traceback:\n{tb}")
-        raise exc
+        remote: BaseException = payload[1]
+        remote.add_note(f"raised in an isolated process; its traceback:\n{payload[2]}")
+        raise remote
     _, type_name, message, tb = payload
     raise RemoteError(type_name, message, tb)

@@ -9,12 +9,15 @@ when it was truncated.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
+import anyio.to_thread
 import attrs
 
 from .._limits import Limits
@@ -62,6 +65,34 @@ def _read_capped(path: Path, cap: int | None) -> tuple[str, bool]:
     return data.decode("utf-8", errors="replace"), cap is not None and size > cap
 
 
+@attrs.frozen
+class _Files:
+    tmp: Path
+    stack: contextlib.ExitStack
+    stdin: IO[bytes]
+    stdout: IO[bytes]
+    stderr: IO[bytes]
+
+
+def _open_files(scratch: Path | None, stdin: bytes | None) -> _Files:
+    """A private scratch dir with the run's stdin/stdout/stderr files, opened."""
+    tmp = Path(tempfile.mkdtemp(prefix="run-", dir=scratch))
+    stack = contextlib.ExitStack()
+    try:
+        if stdin is not None:
+            (tmp / "stdin").write_bytes(stdin)
+            in_f = stack.enter_context((tmp / "stdin").open("rb"))
+        else:
+            in_f = stack.enter_context(open(os.devnull, "rb"))  # noqa: SIM115
+        out_f = stack.enter_context((tmp / "stdout").open("wb"))
+        err_f = stack.enter_context((tmp / "stderr").open("wb"))
+    except BaseException:
+        stack.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _Files(tmp, stack, in_f, out_f, err_f)
+
+
 async def run_in(
     branch_path: Path,
     workspace_path: Path,
@@ -80,22 +111,21 @@ async def run_in(
     if isinstance(argv, str) or not argv:
         raise ValueError("argv must be a non-empty sequence of strings, e.g. ['pytest', '-q']")
     limits = limits or Limits()
-    tmp = Path(tempfile.mkdtemp(prefix="run-", dir=scratch))
+    files = await anyio.to_thread.run_sync(_open_files, scratch, stdin)
     try:
-        out_path, err_path = tmp / "stdout", tmp / "stderr"
-        with out_path.open("wb") as out_f, err_path.open("wb") as err_f:
-            if stdin is not None:
-                (tmp / "stdin").write_bytes(stdin)
-            with (tmp / "stdin").open("rb") if stdin is not None else open(os.devnull, "rb") as in_f:
-                o = await spawn(
-                    argv, branch_path=branch_path, workspace_path=workspace_path, hide=hide,
-                    limits=limits, isolate=isolate, env=env, stdin=in_f, stdout=out_f,
-                    stderr=err_f, timeout=timeout, on_cgroup=on_cgroup,
-                )
-        stdout, out_trunc = _read_capped(out_path, limits.output)
-        stderr, err_trunc = _read_capped(err_path, limits.output)
+        with files.stack:
+            o = await spawn(
+                argv, branch_path=branch_path, workspace_path=workspace_path, hide=hide,
+                limits=limits, isolate=isolate, env=env, stdin=files.stdin, stdout=files.stdout,
+                stderr=files.stderr, timeout=timeout, on_cgroup=on_cgroup,
+            )
+        stdout, out_trunc = await anyio.to_thread.run_sync(
+            _read_capped, files.tmp / "stdout", limits.output)
+        stderr, err_trunc = await anyio.to_thread.run_sync(
+            _read_capped, files.tmp / "stderr", limits.output)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(shutil.rmtree, files.tmp, True)
     check_markers(isolate, o.returncode, stderr, os.fspath(argv[0]), workspace_path)
     return RunResult(
         argv=tuple(os.fspath(a) for a in argv), returncode=o.returncode, stdout=stdout,

@@ -84,6 +84,12 @@ def isolation_available(network: bool = True) -> bool:
     return _isolation[network]
 
 
+def _findable(exe: str, cwd: str, path: str | None) -> bool:
+    if "/" in exe:
+        return os.path.exists(os.path.join(cwd, exe))
+    return shutil.which(exe, path=path or os.defpath) is not None
+
+
 @attrs.frozen
 class SpawnOutcome:
     returncode: int
@@ -182,8 +188,7 @@ async def spawn(
         full_env.update(env)
     if not isolate:  # isolated runs look the executable up inside the namespace
         exe = os.fspath(argv[0])
-        found = (os.path.exists(os.path.join(cwd, exe)) if "/" in exe
-                 else shutil.which(exe, path=full_env.get("PATH", os.defpath)) is not None)
+        found = await anyio.to_thread.run_sync(_findable, exe, cwd, full_env.get("PATH"))
         if not found:
             if cg is not None:
                 await anyio.to_thread.run_sync(cg.remove)
