@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ def backend_name(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def repo(tmp_path: Path) -> Iterator[Path]:
+def repo(tmp_path: Path) -> Path:
     """A small workspace: files, a nested dir, an empty dir, a symlink, an executable."""
     root = tmp_path / "repo"
     (root / "src" / "pkg").mkdir(parents=True)
@@ -34,4 +33,4 @@ def repo(tmp_path: Path) -> Iterator[Path]:
     (root / "run.sh").write_text("#!/bin/sh\necho hi\n")
     (root / "run.sh").chmod(0o755)
     (root / "link").symlink_to("README.md")
-    yield root
+    return root

@@ -201,7 +201,11 @@ async def test_speculate_commits_exactly_once(repo: Path) -> None:
         assert added == []
         assert (repo / "README.md").read_text() == f"winner {i}\n"
     assert len([e for e in logs if e["event"] == "winner_committed"]) == 1
-    assert [r.index for r in outcome.results if r.success] == [i]
+    # Another candidate may also have finished successfully before the winner stopped
+    # the rest (they run concurrently); it is reported as a success, but only the
+    # winner's changes landed (checked above) and only the winner is named.
+    assert outcome.winner.success
+    assert i in [r.index for r in outcome.results if r.success]
 
 
 async def test_speculate_skips_failures_and_respects_max_parallel(repo: Path) -> None:
