@@ -214,7 +214,8 @@ class CopyBackend:
         paths = merge_paths(snapshot, ours, theirs, theirs_changed)
         ops = _journal.build_plan(paths, theirs, ours, lambda p: tree / p)
         _journal.apply(self.path(parent), state / "journal", ops, release=[self._branch_dir(name)])
-        self._caches.pop(parent, None)
+        # The parent's hash cache stays valid: every file the commit placed has a new
+        # (inode, size, mtime, ctime) key, so the next scan rehashes exactly those.
         changes = to_changes(snapshot, ours)
         self._release(name)
         return changes

@@ -20,6 +20,7 @@ named in :attr:`RunCgroup.enforced`; nothing is claimed that is not applied.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import signal
@@ -194,6 +195,9 @@ def host() -> CgroupHost:
     global _host
     if _host is None:
         _host = detect()
+        # Our per-process parent cgroups would otherwise pile up, one set per agent process.
+        parents = [d for d in (_host.v2, *_host.v1.values()) if d is not None]
+        atexit.register(cleanup_parents, parents)
     return _host
 
 
