@@ -41,12 +41,30 @@ ISOLATION_FAILED = 125
 ISOLATION_MARKER = "branchagent: isolation setup failed"
 NOT_FOUND_MARKER = "branchagent: executable not found:"
 _FAIL = f'{{ echo "{ISOLATION_MARKER}" >&2; exit 125; }}'
+# Capabilities a candidate never needs and could use to undo its sandbox (umount the
+# branch view or the state dir's cover, remount /sys/fs/cgroup, load modules, ptrace).
+# File work as root (DAC override, chown, fowner) is kept.
+DROPPED_CAPS = (
+    "sys_admin", "sys_module", "sys_boot", "sys_rawio", "sys_time", "net_admin",
+    "sys_ptrace", "mknod", "setpcap", "sys_chroot", "mac_admin", "mac_override", "syslog",
+    "bpf", "perfmon", "checkpoint_restore", "audit_control", "linux_immutable",
+)
+_SETPRIV = shutil.which("setpriv")
+_DROP = (
+    f'exec {_SETPRIV} --no-new-privs --bounding-set '
+    + ",".join(f"-{c}" for c in DROPPED_CAPS) + ' -- "$@"'
+    if _SETPRIV else 'exec "$@"'
+)
 _ISOLATE = (
     f'b="$1"; w="$2"; x="$3"; shift 3; mount --bind "$b" "$w" || {_FAIL}; '
     f'while [ "$1" != "--" ]; do mount -t tmpfs -o size=64k,mode=0755 tmpfs "$1" || {_FAIL}; '
-    f'shift; done; shift; cd "$w" || {_FAIL}; '
+    'shift; done; shift; '
+    # Read-only, submount-free view of the cgroup tree: no way back out of the run's cgroup.
+    'if [ -d /sys/fs/cgroup ]; then mount --bind /sys/fs/cgroup /sys/fs/cgroup && '
+    f'mount -o remount,bind,ro /sys/fs/cgroup || {_FAIL}; fi; '
+    f'cd "$w" || {_FAIL}; '
     f'command -v "$x" >/dev/null || {{ echo "{NOT_FOUND_MARKER} $x" >&2; exit 127; }}; '
-    'exec "$@"'
+    + _DROP
 )
 
 
@@ -163,6 +181,10 @@ async def spawn(
         if not limits.network:
             prefix.append("--net")
             enforced.add("network:netns")
+        if _SETPRIV:
+            enforced.add("caps:dropped")
+        else:
+            not_enforced.add("caps")
         if os.geteuid() != 0:
             prefix.insert(1, "--map-root-user")
         hidden = [
