@@ -38,6 +38,7 @@ import abc
 import contextlib
 import functools
 import inspect
+import itertools
 import json
 import math
 import numbers
@@ -181,6 +182,13 @@ class Result:
     timed out (``"TimeoutError: ..."``), else ``None``. ``branch`` is the
     name of the branch it ran in (gone by now unless it won), ``changes`` the
     paths it changed there, ``duration`` seconds from its start to its end.
+
+    ``index`` is unique within an :class:`Outcome`. Strategies that search a
+    tree (``TreeSearch``, ``Beam``) fork a node's branch from its parent
+    node's branch: ``parent`` is the index of the parent node's result
+    (``None`` for a child of the strategy's target) and ``depth`` its
+    distance from the target's children (``0`` for them), so the results
+    carry the whole tree.
     """
 
     index: int
@@ -191,11 +199,15 @@ class Result:
     branch: str | None = None
     changes: tuple[str, ...] = ()
     info: Mapping[str, Any] = attrs.field(factory=dict)
+    parent: int | None = None
+    depth: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return {
             "index": self.index,
+            "parent": self.parent,
+            "depth": self.depth,
             "success": self.success,
             "score": _jsonable(self.score),
             "duration": self.duration,
@@ -212,7 +224,10 @@ class Outcome:
 
     ``winner`` is the committed candidate's result (``None`` when nothing was
     committed): it never names an aborted candidate. ``results`` are in
-    candidate order. ``timed_out`` says the strategy's ``timeout`` expired.
+    candidate order (node order, parents first, for tree searches).
+    ``timed_out`` says the strategy's ``timeout`` expired. ``info`` is what
+    the strategy says about the run as a whole (a search's node count, why
+    it stopped, ...).
     """
 
     committed: bool
@@ -221,6 +236,7 @@ class Outcome:
     strategy: str = ""
     duration: float = 0.0
     timed_out: bool = False
+    info: Mapping[str, Any] = attrs.field(factory=dict)
 
     @property
     def best(self) -> Result | None:
@@ -236,6 +252,7 @@ class Outcome:
             "results": [r.to_dict() for r in self.results],
             "duration": self.duration,
             "timed_out": self.timed_out,
+            "info": _jsonable(self.info),
         }
 
     def to_json(self, *, indent: int | None = None) -> str:
@@ -471,7 +488,9 @@ class Trial:
 
     ``done`` is true once the candidate (and any follow-up of the strategy)
     ran to the end, whatever its verdict; a trial cancelled midway is not done
-    and never wins.
+    and never wins. ``parent`` is the index of the trial whose branch this
+    one forked from (``None``: forked from the arena's target) and ``depth``
+    its depth in that tree (``0`` for a child of the target).
     """
 
     index: int
@@ -484,6 +503,8 @@ class Trial:
     finished: float | None = None
     changes: tuple[str, ...] = ()
     info: dict[str, Any] = attrs.field(factory=dict)
+    parent: int | None = None
+    depth: int = 0
 
     @property
     def success(self) -> bool:
@@ -507,7 +528,7 @@ class Trial:
         return Result(
             index=self.index, success=self.success, score=self.score, duration=self.duration,
             error=self.error, branch=self.branch.name if self.branch is not None else None,
-            changes=self.changes, info=info,
+            changes=self.changes, info=info, parent=self.parent, depth=self.depth,
         )
 
 
@@ -524,8 +545,9 @@ class Arena:
     """The branches one strategy run forked from its target. Get one from :func:`open_arena`.
 
     :meth:`run` runs every candidate in its own child branch of the target
-    under one task group; :meth:`commit` commits one trial and aborts the
-    others; leaving :func:`open_arena` aborts whatever is still open.
+    (or of an earlier trial's branch: a tree) under one task group;
+    :meth:`commit` commits one trial (with its ancestors, in a tree) and
+    aborts the others; leaving :func:`open_arena` aborts whatever is still open.
     """
 
     def __init__(
@@ -544,11 +566,14 @@ class Arena:
         safe = re.sub(r"[^A-Za-z0-9-]+", "-", strategy).strip("-")[:64] or "strategy"
         self._prefix = f"{safe}-{secrets.token_hex(3)}"
         self._names: list[str] = []
+        self._scratches: list[Branch] = []
+        self._scratch_ids = itertools.count()
 
     async def run(
         self,
         candidates: Sequence[Candidate],
         *,
+        parents: Sequence[Trial | None] | None = None,
         deadline: float | None = None,
         after: AfterHook | None = None,
         stop: StopRule | None = None,
@@ -557,6 +582,10 @@ class Arena:
 
         At most ``max_parallel`` trials run at once, admitted in candidate order.
 
+        ``parents`` (one entry per candidate) grows a tree: candidate ``i``
+        runs in a child of ``parents[i]``'s branch (``None``: of the target),
+        and its trial records the parent's index and the parent's depth + 1.
+        A parent whose branch is no longer open fails its children's trials.
         ``after(trial)`` runs in the trial's task once its candidate returned a
         verdict (exceptions it raises fail the trial). ``stop(trial)`` is asked
         about every trial that is done; the first ``True`` cancels every other
@@ -564,8 +593,20 @@ class Arena:
         ``deadline`` (on the :func:`anyio.current_time` clock, see
         :func:`deadline_after`) bounds the wall time of the whole run.
         """
+        if parents is not None:
+            if len(parents) != len(candidates):
+                raise ValueError(
+                    f"parents has {len(parents)} entries for {len(candidates)} candidates"
+                )
+            for p in parents:
+                if p is not None and not (p.index < len(self.trials) and self.trials[p.index] is p):
+                    raise ValueError(f"parent trial {p.index} is not a trial of this arena")
         first = len(self.trials)
-        batch = [Trial(first + i, c) for i, c in enumerate(candidates)]
+        batch = []
+        for i, c in enumerate(candidates):
+            p = parents[i] if parents is not None else None
+            batch.append(Trial(first + i, c, parent=None if p is None else p.index,
+                               depth=0 if p is None else p.depth + 1))
         self.trials.extend(batch)
         if not batch:
             return batch
@@ -614,7 +655,7 @@ class Arena:
         try:
             # Nothing may await between fork() returning and the assignment, so that a
             # cancellation can never leave a branch we do not know about.
-            trial.branch = await self._fork(trial.index)
+            trial.branch = await self._fork(trial)
         except Exception as exc:
             trial.error = describe_error(exc)
             trial.done = True
@@ -643,61 +684,124 @@ class Arena:
                     trial.info["changes_error"] = describe_error(exc)
             trial.done = True
 
-    async def _fork(self, index: int) -> Branch:
-        name = f"{self._prefix}-{index}"
+    async def _fork(self, trial: Trial) -> Branch:
+        on: Target = self.target
+        if trial.parent is not None:
+            parent = self.trials[trial.parent].branch
+            if parent is None:
+                raise StrategyError(f"candidate {trial.parent} has no branch to fork from")
+            on = parent
+        return await self._fork_named(on, f"{self._prefix}-{trial.index}")
+
+    async def _fork_named(self, on: Target, name: str) -> Branch:
         self._names.append(name)
         try:
-            return await self.target.fork(name)
+            return await on.fork(name)
         except BranchExists:
-            return await self.target.fork(None)
+            return await on.fork(None)
+
+    @contextlib.asynccontextmanager
+    async def open_scratch(self, trial: Trial) -> AsyncIterator[Branch]:
+        """A throwaway fork of ``trial``'s branch, aborted on exit on every path.
+
+        For callbacks that look at a trial's state without being part of it (a
+        proposer, a judge, a critic): they may read the scratch branch and run
+        commands in it, and nothing they write reaches the trial's branch.
+        """
+        if trial.branch is None:
+            raise StrategyError(f"candidate {trial.index} has no branch")
+        name = f"{self._prefix}-{trial.index}-x{next(self._scratch_ids)}"
+        scratch = await self._fork_named(trial.branch, name)
+        self._scratches.append(scratch)
+        try:
+            yield scratch
+        finally:
+            with anyio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
+                await self._abort_one(scratch)
 
     def _log(self, trial: Trial) -> None:
         log.info(
             "candidate_finished", strategy=self.strategy, index=trial.index,
             branch=trial.branch.name if trial.branch is not None else None,
+            parent=trial.parent, node_depth=trial.depth,
             success=trial.success, score=trial.score, error=trial.error,
             duration_ms=round(trial.duration * 1e3, 3),
         )
 
+    def lineage(self, trial: Trial) -> list[Trial]:
+        """``trial`` and its ancestors, the target's child first and ``trial`` last."""
+        chain = [trial]
+        while chain[-1].parent is not None:
+            parent = chain[-1].parent
+            assert parent is not None
+            chain.append(self.trials[parent])
+        chain.reverse()
+        return chain
+
     async def commit(self, trial: Trial) -> bool:
-        """Abort every other trial's branch, then commit ``trial``'s into the target.
+        """Abort every branch off ``trial``'s lineage, then commit the lineage into the target.
+
+        For a child of the target that is one commit. For a node of a tree the
+        lineage commits upward one level at a time: the node into its parent,
+        the parent into its own, ..., the target's child into the target. Each
+        commit goes into a different branch, and the target changes only with
+        the last one, so it receives all of the lineage's changes or none.
 
         The commit is not cut by cancellation once it starts (it is short and
         atomic). A commit refused by the backend (a conflict, a failed copy)
-        is recorded in the trial's ``error``, its branch is aborted, and the
-        answer is ``False``.
+        is recorded in the ``error`` of the trial it failed on (and of
+        ``trial``), what is left of the lineage is aborted, and the answer is
+        ``False``.
         """
         if not trial.success or trial.branch is None:
             raise StrategyError(f"candidate {trial.index} did not succeed; it cannot be committed")
         if self.committed is not None:
             raise StrategyError(f"candidate {self.committed.index} is already committed")
         await anyio.lowlevel.checkpoint_if_cancelled()
-        branch = trial.branch
+        chain = self.lineage(trial)
         with anyio.CancelScope(shield=True):
-            await self._abort_all(keep=trial)
-            try:
-                await branch.commit()
-            except (BranchAgentError, OSError) as exc:
-                trial.error = describe_error(exc)
-                log.warning("winner_commit_failed", strategy=self.strategy, index=trial.index,
-                            branch=branch.name, error=trial.error)
-                await self._abort_one(branch)
-                return False
+            await self._abort_all(keep=chain)
+            for node in reversed(chain):
+                try:
+                    if node.branch is None:
+                        raise StrategyError(f"candidate {node.index} has no branch")
+                    await node.branch.commit()
+                except (BranchAgentError, OSError) as exc:
+                    error = describe_error(exc)
+                    node.error = error
+                    if node is not trial:
+                        trial.error = f"{error} (committing its ancestor {node.index})"
+                    log.warning("winner_commit_failed", strategy=self.strategy,
+                                index=trial.index, at=node.index,
+                                branch=node.branch.name if node.branch is not None else None,
+                                error=error)
+                    for left in chain:
+                        if left.branch is not None:
+                            await self._abort_one(left.branch)
+                    return False
         self.committed = trial
         log.info("winner_committed", strategy=self.strategy, index=trial.index,
-                 branch=branch.name, score=trial.score)
+                 branch=trial.branch.name, score=trial.score, levels=len(chain))
         return True
+
+    async def abort(self, trial: Trial) -> None:
+        """Abort ``trial``'s branch and every branch forked from it. Never cut short."""
+        if trial.branch is not None:
+            with anyio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
+                await self._abort_one(trial.branch)
 
     async def aclose(self) -> None:
         """Abort every branch of this run that is still open. Idempotent; never cut short."""
-        await self._abort_all(keep=None)
+        await self._abort_all(keep=())
 
-    async def _abort_all(self, keep: Trial | None) -> None:
+    async def _abort_all(self, keep: Sequence[Trial]) -> None:
         with anyio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
+            for scratch in self._scratches:
+                await self._abort_one(scratch)
             for trial in self.trials:
-                if trial is not keep and trial.branch is not None:
+                if trial.branch is not None and not any(trial is k for k in keep):
                     await self._abort_one(trial.branch)
-            if keep is None:
+            if not keep:
                 await self._sweep()
 
     async def _abort_one(self, branch: Branch) -> None:
@@ -717,21 +821,25 @@ class Arena:
             get = getattr(ws, "get", None)
         if get is None:
             return
+        # Ours hang off the target, a trial's branch (trees) or a scratch fork's trial.
+        ours: list[Branch | None] = [_parent_of(self.target)]
+        ours += [t.branch for t in self.trials if t.branch is not None]
         for name in self._names:
             try:
                 branch = get(name)
             except (LookupError, BranchAgentError):
                 continue
-            if isinstance(branch, Branch) and branch.parent is _parent_of(self.target):
+            if isinstance(branch, Branch) and any(branch.parent is p for p in ours):
                 await self._abort_one(branch)
 
-    def outcome(self) -> Outcome:
+    def outcome(self, info: Mapping[str, Any] | None = None) -> Outcome:
         """The outcome so far: ``winner`` is the committed trial, if any."""
         winner = self.committed.result() if self.committed is not None else None
         return Outcome(
             committed=winner is not None, winner=winner,
             results=tuple(t.result() for t in self.trials), strategy=self.strategy,
             duration=time.monotonic() - self.started, timed_out=self.timed_out,
+            info=dict(info) if info is not None else {},
         )
 
 

@@ -18,9 +18,12 @@ import cloudpickle  # type: ignore[import-untyped]
 from .._limits import Limits
 from ..exceptions import ProcessKilled, RemoteError, SandboxError
 from ._cgroup import RunCgroup
+from ._run import RunResult
 from ._spawn import check_markers, spawn
 
 __all__ = ["call_in"]
+
+_CHILD = os.fspath(Path(__file__).with_name("_child.py"))
 
 
 def _open_files(
@@ -89,8 +92,8 @@ async def call_in(
     try:
         with stack:
             o = await spawn(
-                [sys.executable, "-m", "branchagent._sandbox._child",
-                 str(in_f.fileno()), str(out_f.fileno())],
+                # By file path, not -m: the child need not import the whole package.
+                [sys.executable, _CHILD, str(in_f.fileno()), str(out_f.fileno())],
                 branch_path=branch_path, workspace_path=workspace_path, hide=hide,
                 limits=limits, isolate=isolate, env=env, stdin=devnull, stdout=so, stderr=se,
                 pass_fds=(in_f.fileno(), out_f.fileno()), on_cgroup=on_cgroup,
@@ -104,7 +107,11 @@ async def call_in(
         raise ProcessKilled(
             f"isolated call {getattr(fn, '__qualname__', fn)!r} ended without a result "
             f"(returncode {o.returncode}, killed={o.killed!r}): {err_tail}",
-            o,
+            RunResult(
+                argv=(sys.executable, _CHILD), returncode=o.returncode, stdout="",
+                stderr=err_tail, duration=o.duration, killed=o.killed, isolated=o.isolated,
+                enforced=o.enforced, not_enforced=o.not_enforced, limits_hit=o.limits_hit,
+            ),
         )
     payload = cloudpickle.loads(data)
     if payload[0] == "ok":
