@@ -94,7 +94,7 @@ def test_builtins_register_through_the_same_group() -> None:
 
 
 def test_unknown_strategy_lists_the_known_ones() -> None:
-    with pytest.raises(ba.StrategyNotFound, match="best_of_n, speculate") as info:
+    with pytest.raises(ba.StrategyNotFound, match=r"best_of_n, .*speculate") as info:
         ba.get_strategy("beam_me_up")
     assert isinstance(info.value, LookupError)
     assert "'beam_me_up'" in str(info.value)

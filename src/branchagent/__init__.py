@@ -50,13 +50,22 @@ from .exceptions import (
 __version__ = "0.1.0"
 
 # Last: the built-in strategies import branchagent._strategy, so they come after it.
-from branchagent_strategies import BestOfN, Speculate
+from branchagent_strategies import (
+    Beam,
+    BestOfN,
+    Cascaded,
+    Reflexion,
+    Speculate,
+    Tournament,
+    TreeSearch,
+)
 
 __all__ = [
     "Backend",
     "BackendError",
     "BackendNotFound",
     "BackendUnavailable",
+    "Beam",
     "BestOfN",
     "Branch",
     "BranchAgentError",
@@ -68,6 +77,7 @@ __all__ = [
     "BranchState",
     "Candidate",
     "CandidateError",
+    "Cascaded",
     "Change",
     "ChangeKind",
     "Command",
@@ -82,6 +92,7 @@ __all__ = [
     "Outcome",
     "PathEscapeError",
     "ProcessKilled",
+    "Reflexion",
     "RemoteError",
     "Result",
     "RunResult",
@@ -90,6 +101,8 @@ __all__ = [
     "Strategy",
     "StrategyError",
     "StrategyNotFound",
+    "Tournament",
+    "TreeSearch",
     "Verdict",
     "Workspace",
     "WorkspaceBranch",

@@ -8,7 +8,12 @@ them the same way. Import them from :mod:`branchagent` (``ba.Speculate``,
 
 from __future__ import annotations
 
+from .beam import Beam
 from .best_of_n import BestOfN
+from .cascaded import Cascaded
+from .reflexion import Reflexion
 from .speculate import Speculate
+from .tournament import Tournament
+from .tree_search import TreeSearch
 
-__all__ = ["BestOfN", "Speculate"]
+__all__ = ["Beam", "BestOfN", "Cascaded", "Reflexion", "Speculate", "Tournament", "TreeSearch"]
