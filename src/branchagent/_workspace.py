@@ -46,6 +46,48 @@ log = structlog.get_logger("branchagent")
 _CLOSE_TIMEOUT = 60.0
 
 
+class _TreeLock:
+    """Readers-writer lock over one tree (the base, or a branch's files).
+
+    Forks and reads of a tree share it (they only read the tree, so forks of
+    one parent copy in parallel); a commit into the tree, and the release of
+    a branch's storage, hold it exclusively.
+    """
+
+    def __init__(self) -> None:
+        self._cond = anyio.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._cond:
+            while self._writer:
+                await self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                async with self._cond:
+                    self._readers -= 1
+                    self._cond.notify_all()
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._cond:
+            while self._writer or self._readers:
+                await self._cond.wait()
+            self._writer = True
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                async with self._cond:
+                    self._writer = False
+                    self._cond.notify_all()
+
+
 class WorkspaceBranch:
     """A branch of a :class:`Workspace` (implements the :class:`Branch` protocol)."""
 
@@ -59,7 +101,7 @@ class WorkspaceBranch:
         self._state = BranchState.OPEN
         self._why_closed = ""
         self._children: list[WorkspaceBranch] = []
-        self._lock = anyio.Lock()
+        self._lock = _TreeLock()
         self._runs: set[anyio.CancelScope] = set()
         self._active: dict[anyio.CancelScope, tuple[RunCgroup | None, int]] = {}
         self.depth: int = 0 if parent is None else parent.depth + 1
@@ -125,7 +167,7 @@ class WorkspaceBranch:
     async def changes(self) -> list[Change]:
         """What this branch changed since its fork."""
         self._check_open()
-        async with self._lock:
+        async with self._lock.shared():
             self._check_open()
             return await self._ws._backend.changes(self._name, self._parent_name())
 
@@ -298,7 +340,7 @@ class Workspace:
         self._backend = backend
         self._closed = False
         self._lock = anyio.Lock()
-        self._base_lock = anyio.Lock()
+        self._base_lock = _TreeLock()
         self._persist_lock = anyio.Lock()  # one writer of branches.json at a time
         self._open: dict[str, WorkspaceBranch] = {}
         self._top: list[WorkspaceBranch] = []
@@ -342,7 +384,7 @@ class Workspace:
 
     # -- lifecycle internals --------------------------------------------------------
 
-    def _tree_lock(self, parent: WorkspaceBranch | None) -> anyio.Lock:
+    def _tree_lock(self, parent: WorkspaceBranch | None) -> _TreeLock:
         return self._base_lock if parent is None else parent._lock
 
     def _new_name(self) -> str:
@@ -366,7 +408,7 @@ class Workspace:
             placeholder = WorkspaceBranch(self, name, parent, Path())
             self._open[name] = placeholder  # reserve the name
         try:
-            async with self._tree_lock(parent):
+            async with self._tree_lock(parent).shared():
                 if parent is not None:
                     parent._check_open()
                 path = await self._backend.create(name, parent._name if parent else None)
@@ -385,7 +427,7 @@ class Workspace:
         b._check_open()
         started = time.perf_counter()
         parent = b._parent
-        async with self._tree_lock(parent), b._lock:
+        async with self._tree_lock(parent).exclusive(), b._lock.exclusive():
             b._check_open()
             if parent is not None:
                 parent._check_open()
@@ -431,7 +473,7 @@ class Workspace:
             siblings = b._parent._children if b._parent is not None else self._top
             if b in siblings:
                 siblings.remove(b)
-            async with b._lock:
+            async with b._lock.exclusive():
                 await self._release(victims)
             await self._persist()
             log.info("branch_aborted", branch=b._name,
