@@ -80,6 +80,7 @@ __all__ = [
     "Candidate",
     "Command",
     "Executor",
+    "Isolated",
     "LocalExecutor",
     "Outcome",
     "Result",
@@ -309,13 +310,33 @@ class Strategy(abc.ABC):
 VerdictLike: TypeAlias = bool | float | tuple[bool, float] | Verdict
 """What a candidate callable may return."""
 
+@attrs.frozen
+class Isolated:
+    """A callable candidate run in a child process inside the branch's sandbox.
+
+    Plain callables run in the agent process and act on ``branch.path``.
+    Wrapped in ``Isolated``, the callable runs through :meth:`Branch.call`:
+    in private namespaces where the branch is at the workspace's path, under
+    ``limits``, killed with the branch. It receives a stand-in branch
+    (``name``, ``path``, ``depth``) and returns what a candidate returns; it
+    and its result travel with cloudpickle.
+    """
+
+    fn: Callable[..., Any]
+    limits: Limits | None = attrs.field(default=None, kw_only=True)
+    isolate: bool = attrs.field(default=True, kw_only=True)
+    env: Mapping[str, str] | None = attrs.field(default=None, kw_only=True)
+
+
 Candidate: TypeAlias = (
     Callable[[Branch], Awaitable[VerdictLike]]
     | Callable[[Branch], VerdictLike]
     | Command
+    | Isolated
     | Strategy
 )
-"""An async or sync callable taking the branch, a :class:`Command`, or a :class:`Strategy`."""
+"""An async or sync callable taking the branch, a :class:`Command`, an
+:class:`Isolated` callable, or a :class:`Strategy`."""
 
 Target: TypeAlias = "Workspace | Branch"
 """What a strategy runs on: a workspace, or a branch (nesting)."""
@@ -375,6 +396,10 @@ async def run_candidate(candidate: Candidate, branch: Branch) -> Verdict:
         )
     if isinstance(candidate, Command):
         return await _run_command(candidate, branch)
+    if isinstance(candidate, Isolated):
+        value = await branch.call(candidate.fn, limits=candidate.limits,
+                                  isolate=candidate.isolate, env=candidate.env)
+        return to_verdict(value)
     if not callable(candidate):
         raise CandidateError(
             f"{type(candidate).__name__} is not a candidate: pass a callable taking the "

@@ -33,7 +33,8 @@ Branches another, crashed run left behind are kept (``status`` lists them);
 note that a commit into the base invalidates them, as any sibling commit does.
 
 Exit status: 0 committed (or done), 1 nothing committed, 2 usage or
-environment error (the message says what to do), 130 interrupted.
+environment error (the message says what to do), 130 interrupted (Ctrl-C;
+143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -97,10 +98,11 @@ class UsageError(Exception):
 
 # -- progress -----------------------------------------------------------------------------
 
-_RUNNING = ("forked", "running")
+_RUNNING = ("forked", "running", "expanding")
 _COLORS = {
-    "running": "33", "forked": "33", "ok": "32", "committed": "1;32", "failed": "31",
-    "error": "31", "timeout": "35", "cancelled": "2", "aborted": "2", "invalidated": "2",
+    "running": "33", "expanding": "36", "forked": "33", "ok": "32", "committed": "1;32",
+    "failed": "31", "error": "31", "timeout": "35", "cancelled": "2", "aborted": "2",
+    "invalidated": "2",
 }
 
 
@@ -200,7 +202,8 @@ class Progress:
                 first = row.state != "committed"
                 row.state = "committed"
                 row.ended = row.ended or now
-                if row.depth == 0:  # committed into the base: the run's winner
+                # The run's winner: the node a strategy names, else what reached the base.
+                if name == "winner_committed" or row.depth == 0:
                     self.winner = branch
                 if first:
                     self._plain(row, "committed")
@@ -221,6 +224,21 @@ class Progress:
             row.state = "running"
             row.label = label
             self._plain(row, "start    ")
+            self.redraw()
+
+    def expanding(self, branch: str, label: str) -> None:
+        """``branch`` is a scratch fork where ``--expand`` runs (shown until :meth:`forget`)."""
+        with self._lock:
+            row = self.rows.get(branch)
+            if row is not None:
+                row.state = "expanding"
+                row.label = label
+            self.redraw()
+
+    def forget(self, branch: str) -> None:
+        """Drop ``branch``'s row (a scratch branch that is no candidate)."""
+        with self._lock:
+            self.rows.pop(branch, None)
             self.redraw()
 
     def ran(self, branch: str, returncode: object, killed: object) -> None:
@@ -458,7 +476,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="branchagent", parents=[common],
         description="Fork a workspace into branches, try candidates, commit the winner.",
         epilog="Exit status: 0 committed or done, 1 nothing committed, 2 usage or environment "
-               "error, 130 interrupted.",
+               "error, 130 interrupted (143 on SIGTERM).",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -503,13 +521,19 @@ def _parser() -> argparse.ArgumentParser:
                         help="a root candidate shell command (repeat); or give one after --")
         sp.add_argument("--evaluate", metavar="CMD",
                         help="shell command that scores a node in its branch")
-        sp.add_argument("--max-depth", type=int, metavar="D")
+        sp.add_argument("--max-depth", type=int, metavar="D",
+                        help="deepest level to expand (the roots are depth 0)")
         if name == "tree":
             sp.add_argument("--budget", type=int, metavar="N", help="most nodes to run")
-            sp.add_argument("--policy", metavar="NAME", help="node selection policy")
-            _parallel_option(sp)
+            sp.add_argument("--policy", metavar="NAME",
+                            help="node selection: best-first (default) or mcts")
+            sp.add_argument("--exploration", type=float, metavar="C",
+                            help="MCTS exploration constant")
+            sp.add_argument("--stop-on-success", action="store_const", const=True,
+                            help="stop at the first verified node")
         else:
             sp.add_argument("--beam-width", type=int, metavar="K", help="branches kept per level")
+        _parallel_option(sp)
         _cmd_argument(sp, required=False)
 
     add("status", "list the workspace's branches (those a crashed run left too)")
@@ -575,7 +599,7 @@ def _shell(cmd: str, args: argparse.Namespace, env: Mapping[str, str] | None = N
 
 
 @attrs.frozen
-class Tracked:
+class _Tracked:
     """A :class:`~branchagent.Command` candidate that reports to the progress display."""
 
     command: ba.Command
@@ -599,8 +623,12 @@ def _expander(args: argparse.Namespace, progress: Progress
     limits = _limits(args)
 
     async def expand(branch: ba.Branch, depth: int) -> list[ba.Candidate]:
-        r = await branch.run(["sh", "-c", args.expand], limits=limits,
-                             isolate=not args.no_isolate, env={DEPTH_ENV: str(depth)})
+        progress.expanding(branch.name, f"--expand (depth {depth})")
+        try:
+            r = await branch.run(["sh", "-c", args.expand], limits=limits,
+                                 isolate=not args.no_isolate, env={DEPTH_ENV: str(depth)})
+        finally:
+            progress.forget(branch.name)
         if not r.ok:
             why = f"was killed ({r.killed})" if r.killed else f"exited {r.returncode}"
             tail = r.stderr.strip()[-500:]
@@ -611,7 +639,7 @@ def _expander(args: argparse.Namespace, progress: Progress
             line = line.strip()
             if line and not line.startswith("#"):
                 cmd = _shell(line, args, {DEPTH_ENV: str(depth + 1)})
-                children.append(Tracked(cmd, line, progress))
+                children.append(_Tracked(cmd, line, progress))
         return children
 
     return expand
@@ -653,13 +681,13 @@ def _build_strategy(args: argparse.Namespace, progress: Progress) -> ba.Strategy
     command = args.command
     common = {"timeout": args.timeout, "max_parallel": getattr(args, "max_parallel", None)}
     if command == "speculate":
-        cands = [Tracked(_shell(c, args), c, progress) for c in args.commands]
+        cands = [_Tracked(_shell(c, args), c, progress) for c in args.commands]
         return _construct(cls, command, [cands], common)
     if command == "best-of-n":
         label = _label_argv(args.cmd)
         cands = [
-            Tracked(ba.Command(args.cmd, limits=_limits(args), isolate=not args.no_isolate,
-                               env={ATTEMPT_ENV: str(i)}), f"#{i} {label}", progress)
+            _Tracked(ba.Command(args.cmd, limits=_limits(args), isolate=not args.no_isolate,
+                                env={ATTEMPT_ENV: str(i)}), f"#{i} {label}", progress)
             for i in range(args.n)
         ]
         evaluate = _shell(args.evaluate, args) if args.evaluate else None
@@ -673,17 +701,20 @@ def _build_strategy(args: argparse.Namespace, progress: Progress) -> ba.Strategy
             "timeout": args.timeout, "max_attempts": args.retries + 1, "critique": critique,
         })
     # tree, beam
-    roots: list[ba.Candidate] = [Tracked(_shell(c, args), c, progress) for c in args.commands]
+    root_env = {DEPTH_ENV: "0"}
+    roots: list[ba.Candidate] = [_Tracked(_shell(c, args, root_env), c, progress)
+                                 for c in args.commands]
     if args.cmd:
-        roots.append(Tracked(ba.Command(args.cmd, limits=_limits(args),
-                                        isolate=not args.no_isolate),
-                             _label_argv(args.cmd), progress))
+        root = ba.Command(args.cmd, limits=_limits(args), isolate=not args.no_isolate,
+                          env=root_env)
+        roots.append(_Tracked(root, _label_argv(args.cmd), progress))
     options: dict[str, Any] = {
         **common, "expand": _expander(args, progress), "max_depth": args.max_depth,
         "evaluate": _shell(args.evaluate, args) if args.evaluate else None,
     }
     if command == "tree":
-        options.update(budget=args.budget, policy=args.policy)
+        options.update(budget=args.budget, policy=args.policy, exploration=args.exploration,
+                       stop_on_success=args.stop_on_success)
     else:
         options.update(beam_width=args.beam_width)
     return _construct(cls, command, [roots], options)
@@ -937,7 +968,7 @@ def _explain(exc: BaseException) -> str:
     return text
 
 
-def _print_outcome(outcome: ba.Outcome, labels: Mapping[str, str]) -> None:
+def _print_outcome(outcome: ba.Outcome, rows: Mapping[str, _Row]) -> None:
     head = f"{outcome.strategy}: "
     w = outcome.winner
     if w is not None:
@@ -950,8 +981,11 @@ def _print_outcome(outcome: ba.Outcome, labels: Mapping[str, str]) -> None:
         head += "nothing committed: no candidate succeeded"
     print(f"{head} in {outcome.duration:.2f} s")
     for r in outcome.results:
-        state = "committed" if w is not None and r.index == w.index else (
-            _state_of(r.success, r.error))
+        row = rows.get(r.branch or "")
+        state = _state_of(r.success, r.error)
+        if (w is not None and r.index == w.index) or (row is not None
+                                                       and row.state == "committed"):
+            state = "committed"  # the winner, or a node on its path (tree, beam)
         info = r.info
         note = ""
         if r.error and state == "error":
@@ -962,16 +996,19 @@ def _print_outcome(outcome: ba.Outcome, labels: Mapping[str, str]) -> None:
             note = f"exit {info['returncode']}"
         score = f"score {_fmt_score(r.score)}" if r.score is not None else ""
         argv = info.get("argv")
-        label = labels.get(r.branch or "", "")
+        label = row.label if row is not None else ""
         if not label and isinstance(argv, list):
             label = shlex.join(str(a) for a in argv)
-        line = f"  #{r.index:<3} {state:<10} {r.duration:7.2f}s  {score:<12} {note:<14} {label}"
+        depth = r.to_dict().get("depth") or 0
+        indent = "  " * depth if isinstance(depth, int) else ""
+        line = (f"  {indent}#{r.index:<3} {state:<10} {r.duration:7.2f}s  {score:<12} "
+                f"{note:<14} {label}")
         print(line.rstrip())
 
 
 def _print_human(command: str, doc: Any, progress: Progress) -> None:
     if isinstance(doc, ba.Outcome):
-        _print_outcome(doc, {name: row.label for name, row in progress.rows.items()})
+        _print_outcome(doc, progress.rows)
         return
     if command == "status":
         where = f"workspace {doc['workspace']}"
@@ -1043,7 +1080,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if run.signum is not None:
             print(f"interrupted; while cleaning up: {type(exc).__name__}: {exc}",
                   file=sys.stderr)
-            return EXIT_INTERRUPTED
+            return 128 + run.signum
         if not isinstance(exc, UsageError | BranchAgentError | OSError | ValueError):
             raise
         if args.json:
@@ -1055,7 +1092,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if progress.winner is not None:
             done = f"{progress.winner} was committed before the interrupt; every other {done}"
         print(f"interrupted: {done}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return 128 + run.signum  # 130 for SIGINT (Ctrl-C), 143 for SIGTERM
     if args.json:
         _emit_json(doc)
     else:

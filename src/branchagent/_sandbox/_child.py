@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import pickle
 import sys
 import traceback
 from pathlib import Path
@@ -35,7 +36,10 @@ class ChildBranch:
 def main(argv: list[str]) -> int:
     in_fd, out_fd = int(argv[1]), int(argv[2])
     with os.fdopen(in_fd, "rb") as f:
-        fn, args, kwargs, info = cloudpickle.loads(f.read())
+        for entry in pickle.load(f):  # the caller's sys.path, so its modules import here
+            if entry not in sys.path:
+                sys.path.append(entry)
+        fn, args, kwargs, info = cloudpickle.load(f)
     branch = ChildBranch(info)
     try:
         if inspect.iscoroutinefunction(fn):

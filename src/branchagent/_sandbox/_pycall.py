@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -83,7 +84,9 @@ async def call_in(
         "async_backend": async_backend,
     }
     try:
-        blob = cloudpickle.dumps((fn, args, dict(kwargs), info))
+        # The caller's sys.path goes first, on its own: functions pickled by reference
+        # (from the caller's modules) must be importable before the payload is loaded.
+        blob = pickle.dumps(list(sys.path)) + cloudpickle.dumps((fn, args, dict(kwargs), info))
     except Exception as exc:
         raise SandboxError(f"cannot send {fn!r} to an isolated process: {exc}") from exc
     limits = limits or Limits()
