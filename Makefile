@@ -72,7 +72,7 @@ demo: setup
 
 # -- checks -------------------------------------------------------------------
 
-test: lint typecheck docs pytest
+test: lint typecheck docs pytest vllm-test
 	@echo "make test: all checks passed"
 
 lint: setup
@@ -126,7 +126,7 @@ $(VLLM_STAMP): pyproject.toml
 	@touch $@
 
 # The real-vLLM tests (tiny random model built offline; an in-process engine and
-# a real OpenAI-compatible server on a loopback port). Not part of `make test`.
+# a real OpenAI-compatible server on a loopback port). The last step of `make test`.
 # BRANCHAGENT_REQUIRE_VLLM=1: a missing vLLM fails the run instead of skipping it.
 vllm-test: $(VLLM_STAMP)
 	@BRANCHAGENT_REQUIRE_VLLM=1 $(TIMED) "pytest (vLLM)" \
