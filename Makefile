@@ -130,7 +130,8 @@ $(VLLM_STAMP): pyproject.toml
 # BRANCHAGENT_REQUIRE_VLLM=1: a missing vLLM fails the run instead of skipping it.
 vllm-test: $(VLLM_STAMP)
 	@BRANCHAGENT_REQUIRE_VLLM=1 $(TIMED) "pytest (vLLM)" \
-		$(VLLM_VENV)/bin/pytest --durations=10 tests/test_llm_vllm.py $(PYTEST_ARGS)
+		$(VLLM_VENV)/bin/pytest --durations=10 tests/test_llm_vllm.py \
+		tests/test_serve_vllm.py $(PYTEST_ARGS)
 
 # -- cleaning -----------------------------------------------------------------
 

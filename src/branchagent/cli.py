@@ -8,6 +8,7 @@
     branchagent reflexion  --retries N [--critique CMD] -- CMD...
     branchagent tree       --expand CMD -c ROOT ...   tree search over generated commands
     branchagent beam       --expand CMD -c ROOT ...   beam search over generated commands
+    branchagent serve --upstream URL --verify CMD   verified best_of (OpenAI-compatible)
     branchagent status                        the workspace's branches (crash-left too)
     branchagent diff BRANCH | commit BRANCH | abort BRANCH | abort --all
 
@@ -536,6 +537,12 @@ def _parser() -> argparse.ArgumentParser:
         _parallel_option(sp)
         _cmd_argument(sp, required=False)
 
+    sp = add("serve", "an OpenAI-compatible server in front of an upstream one (vLLM): "
+                      "best_of candidates, each verified in its own branch (see "
+                      "branchagent.serve)")
+    from .serve._main import add_arguments as _serve_arguments
+    _serve_arguments(sp)
+
     add("status", "list the workspace's branches (those a crashed run left too)")
     for name, verb in (("diff", "show the unified diff of"), ("commit", "commit"),
                        ("abort", "abort")):
@@ -1059,9 +1066,28 @@ def _emit_json(doc: Any) -> None:
         print(json.dumps(doc, default=str))
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """``branchagent serve``: runs until SIGTERM/Ctrl-C (see :mod:`branchagent.serve`)."""
+    try:
+        from .serve._main import serve
+    except ImportError as exc:
+        print(f"branchagent serve: {exc}\n  install the server's dependencies: "
+              "pip install 'branchagent[serve]'", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        path = _workspace_path(args)
+        backend = args.backend or _recorded_backend(path) or "copy"
+        return serve(args, path, backend)
+    except (UsageError, ValueError) as exc:
+        print(f"branchagent serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``branchagent`` console script; returns the exit status."""
     args = _parse(argv)
+    if args.command == "serve":
+        return _serve(args)
     live = sys.stderr.isatty() and not args.quiet and args.command not in (
         "status", "diff", "commit", "abort")
     color = sys.stderr.isatty() and "NO_COLOR" not in os.environ

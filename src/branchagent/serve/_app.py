@@ -1,0 +1,498 @@
+"""The verified best-of server: an ASGI app (Starlette) before an OpenAI-compatible upstream."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import attrs
+import httpx
+import structlog
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .._branch import Branch
+from .._limits import Limits
+from .._strategy import Command, run_candidate
+from .._workspace import Workspace, open_workspace
+from ..llm import (
+    Apply,
+    ApplyError,
+    Completion,
+    apply_auto,
+    apply_diff,
+    completions_from_openai,
+    get_scorer,
+    run_command,
+    write_code_blocks,
+)
+from ..llm._solve import _apply
+
+__all__ = ["APPLY_MODES", "EXTENSION", "ServeConfig", "ServeError", "create_app", "resolve_apply"]
+
+#: The key of the extension field in each returned choice (and at the response's top level).
+EXTENSION = "branchagent"
+
+#: ``--apply`` names (``file:PATH`` writes the completion's whole text to PATH).
+APPLY_MODES = ("auto", "diff", "code", "command", "file:PATH")
+
+_OUR_FIELDS = ("best_of", "commit")
+
+
+class ServeError(Exception):
+    """An error answered with an OpenAI-shaped JSON body and an HTTP status."""
+
+    def __init__(self, status: int, message: str, type_: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.code = code or type_
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(
+            {"error": {"message": self.message, "type": self.type, "code": self.code}},
+            status_code=self.status,
+        )
+
+
+def _bad_request(message: str) -> ServeError:
+    return ServeError(400, message, "invalid_request_error", "invalid_request")
+
+
+def _write_text(path: str, branch: Branch, completion: Completion) -> list[str]:
+    target = branch.resolve(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(completion.text, encoding="utf-8")
+    return [path]
+
+
+def resolve_apply(apply: str | Apply, *, isolate: bool = True,
+                  timeout: float | None = 60.0) -> Apply:
+    """The action an ``--apply`` name stands for (a callable is returned as is)."""
+    if callable(apply):
+        return apply
+    if apply == "auto":
+        return apply_auto
+    if apply == "diff":
+        return apply_diff
+    if apply == "code":
+        return write_code_blocks
+    if apply == "command":
+        return functools.partial(run_command, isolate=isolate, timeout=timeout)
+    if isinstance(apply, str) and apply.startswith("file:") and len(apply) > 5:
+        return functools.partial(_write_text, apply[5:])
+    raise ValueError(f"apply must be one of {', '.join(APPLY_MODES)}, got {apply!r}")
+
+
+@attrs.frozen(kw_only=True)
+class ServeConfig:
+    """How ``branchagent serve`` runs.
+
+    ``upstream`` is the base URL of the OpenAI-compatible server (with its
+    ``/v1``); ``verify`` a shell command run in each candidate's branch
+    (``sh -c``; exit 0 verifies, a score may be written to
+    ``$BRANCHAGENT_SCORE_FILE``; ``None``: applying is verifying);
+    ``best_of`` the default number of upstream candidates; ``score`` the
+    logprob scorer that breaks ties between equally verified candidates.
+    ``transport`` replaces the HTTP transport to upstream (tests).
+    """
+
+    upstream: str
+    workspace: Path
+    verify: str | None = None
+    apply: str | Apply = "auto"
+    backend: str = "copy"
+    best_of: int = 4
+    max_concurrent: int = 4
+    upstream_timeout: float = 120.0
+    verify_timeout: float | None = 300.0
+    isolate: bool = True
+    score: str = "mean_logprob"
+    model: str | None = None
+    transport: httpx.AsyncBaseTransport | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.best_of < 1:
+            raise ValueError(f"best_of must be at least 1, got {self.best_of}")
+        if self.max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be at least 1, got {self.max_concurrent}")
+        resolve_apply(self.apply)
+        get_scorer(self.score)
+
+
+class _RWLock:
+    """Shared for requests that only try candidates, exclusive for one that commits.
+
+    A commit into the base invalidates every other top-level branch, so a
+    committing request waits until no other request has branches open, and
+    new requests wait behind it (writers first: commits are not starved).
+    """
+
+    def __init__(self) -> None:
+        self._cond = anyio.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting_writers = 0
+
+    @asynccontextmanager
+    async def hold(self, exclusive: bool) -> AsyncIterator[None]:
+        async with self._cond:
+            if exclusive:
+                self._waiting_writers += 1
+                try:
+                    while self._writer or self._readers:
+                        await self._cond.wait()
+                finally:
+                    self._waiting_writers -= 1
+                self._writer = True
+            else:
+                while self._writer or self._waiting_writers:
+                    await self._cond.wait()
+                self._readers += 1
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                async with self._cond:
+                    if exclusive:
+                        self._writer = False
+                    else:
+                        self._readers -= 1
+                    self._cond.notify_all()
+
+
+@attrs.define
+class _Trial:
+    completion: Completion
+    logprob: float | None
+    verified: bool = False
+    score: float | None = None
+    returncode: int | None = None
+    branch: str | None = None
+    changes: list[str] = attrs.Factory(list)
+    error: str | None = None
+    duration: float = 0.0
+
+    def extension(self) -> dict[str, Any]:
+        return {
+            "verified": self.verified, "score": self.score, "returncode": self.returncode,
+            "branch": self.branch, "changes": self.changes, "logprob": self.logprob,
+            "upstream_index": self.completion.index, "error": self.error,
+            "duration": round(self.duration, 6), "committed": False,
+        }
+
+    def rank(self) -> tuple[float, float, int]:
+        score = -math.inf if self.score is None else self.score
+        lp = -math.inf if self.logprob is None else self.logprob
+        return (-score, -lp, self.completion.index)
+
+
+class _Server:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.apply = resolve_apply(config.apply, isolate=config.isolate,
+                                   timeout=config.verify_timeout)
+        self.scorer = get_scorer(config.score)
+        self.verifier: Command | None = None
+        if config.verify is not None:
+            self.verifier = Command(["sh", "-c", config.verify], isolate=config.isolate,
+                                    limits=Limits(timeout=config.verify_timeout))
+        self.semaphore = anyio.Semaphore(config.max_concurrent)
+        self.lock = _RWLock()
+        self.ws: Workspace | None = None
+        self.client: httpx.AsyncClient | None = None
+        self.log = structlog.get_logger("branchagent.serve")
+
+    # -- upstream --------------------------------------------------------------------------
+
+    async def upstream(self, method: str, path: str, body: Any = None) -> Any:
+        assert self.client is not None
+        try:
+            r = await self.client.request(method, path, json=body)
+        except httpx.TimeoutException as exc:
+            raise ServeError(504, f"the upstream server did not answer in time: {exc!r}",
+                             "upstream_timeout") from exc
+        except httpx.HTTPError as exc:
+            raise ServeError(502, f"the upstream server failed: {exc!r}",
+                             "upstream_error") from exc
+        try:
+            doc = r.json()
+        except ValueError:
+            doc = None
+        if r.status_code >= 400:
+            detail = doc.get("error") if isinstance(doc, dict) else None
+            if isinstance(detail, dict):
+                detail = detail.get("message")
+            if detail is None and isinstance(doc, dict):
+                detail = doc.get("message") or doc.get("detail")
+            raise ServeError(502, f"the upstream server answered {r.status_code}: "
+                                  f"{detail if detail is not None else r.text[:500]}",
+                             "upstream_error")
+        if not isinstance(doc, dict):
+            raise ServeError(502, "the upstream server answered with no JSON object",
+                             "upstream_error")
+        return doc
+
+    # -- one candidate -----------------------------------------------------------------------
+
+    async def trial(self, ws: Workspace, t: _Trial, keep: set[str]) -> None:
+        started = time.monotonic()
+        branch = await ws.fork()
+        t.branch = branch.name
+        try:
+            try:
+                await _apply(self.apply, branch, t.completion)
+            except ApplyError as exc:
+                t.error = f"ApplyError: {exc}"
+                return
+            except Exception as exc:
+                raise ServeError(500, f"applying candidate {t.completion.index} crashed: "
+                                      f"{type(exc).__name__}: {exc}",
+                                 "verification_error") from exc
+            try:
+                if self.verifier is None:
+                    t.verified, t.returncode = True, None
+                else:
+                    verdict = await run_candidate(self.verifier, branch)
+                    t.verified, t.score = verdict.success, verdict.score
+                    rc = verdict.info.get("returncode")
+                    t.returncode = rc if isinstance(rc, int) else None
+                    if not verdict.success and verdict.info.get("killed"):
+                        t.error = f"killed: {verdict.info['killed']}"
+                t.changes = [c.path for c in await branch.changes()]
+            except Exception as exc:
+                raise ServeError(500, f"verifying candidate {t.completion.index} crashed: "
+                                      f"{type(exc).__name__}: {exc}",
+                                 "verification_error") from exc
+            if t.verified:
+                keep.add(branch.name)
+        finally:
+            t.duration = time.monotonic() - started
+            if branch.name not in keep:
+                with anyio.CancelScope(shield=True):
+                    await branch.abort()
+
+    # -- one request --------------------------------------------------------------------------
+
+    def parse(self, raw: bytes, chat: bool) -> tuple[dict[str, Any], int, int, bool]:
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise _bad_request(f"the request body is not JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise _bad_request("the request body must be a JSON object")
+        key = "messages" if chat else "prompt"
+        if key not in body:
+            raise _bad_request(f"'{key}' is required")
+        if chat and (not isinstance(body["messages"], list) or not body["messages"]):
+            raise _bad_request("'messages' must be a non-empty list")
+        if body.get("stream"):
+            raise _bad_request("stream=true is not supported by branchagent serve")
+        n = _positive(body, "n", 1)
+        best_of = _positive(body, "best_of", max(self.config.best_of, n))
+        commit = body.get("commit", False)
+        if best_of < n:
+            raise _bad_request(f"best_of ({best_of}) must be at least n ({n})")
+        if not isinstance(commit, bool):
+            raise _bad_request(f"'commit' must be true or false, got {commit!r}")
+        temperature = body.get("temperature")
+        if best_of > 1 and temperature is not None and not (
+            isinstance(temperature, int | float) and temperature > 0
+        ):
+            raise _bad_request(f"best_of={best_of} candidates need temperature > 0, "
+                               f"got {temperature!r}")
+        upstream = {k: v for k, v in body.items() if k not in _OUR_FIELDS}
+        upstream["n"] = best_of
+        if chat:
+            upstream["logprobs"] = True
+        elif not _is_int(upstream.get("logprobs")):
+            upstream["logprobs"] = 1
+        if best_of > 1 and temperature is None:
+            upstream["temperature"] = 1.0
+        return upstream, n, best_of, commit
+
+    async def complete(self, request: Request, chat: bool) -> dict[str, Any]:
+        upstream_body, n, best_of, commit = self.parse(await request.body(), chat)
+        if upstream_body.get("model") is None:
+            upstream_body["model"] = await self.default_model()
+        path = "/chat/completions" if chat else "/completions"
+        async with self.semaphore:
+            doc = await self.upstream("POST", path, upstream_body)
+            try:
+                completions = completions_from_openai(doc)
+            except (TypeError, ValueError) as exc:
+                raise ServeError(502, f"the upstream response is malformed: {exc}",
+                                 "upstream_error") from exc
+            choices = doc.get("choices")
+            assert isinstance(choices, list)
+            trials = []
+            for c in completions:
+                try:
+                    lp: float | None = self.scorer(c)
+                except ValueError:
+                    lp = None
+                trials.append(_Trial(c, lp))
+            ws = self.ws
+            assert ws is not None
+            keep: set[str] = set()
+            async with self.lock.hold(commit):
+                try:
+                    async with anyio.create_task_group() as tg:
+                        for t in trials:
+                            tg.start_soon(self.trial, ws, t, keep)
+                except BaseExceptionGroup as group:
+                    _raise_first(group)
+                verified = sorted((t for t in trials if t.verified), key=_Trial.rank)
+                chosen = verified[:n]
+                committed: str | None = None
+                try:
+                    if commit and chosen:
+                        top = chosen[0]
+                        for b in ws.branches():
+                            if b.name == top.branch:
+                                await b.commit()
+                                committed = b.name
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        for b in ws.branches():
+                            if b.name in keep and b.name != committed:
+                                await b.abort()
+        out_choices = []
+        for position, t in enumerate(chosen):
+            source = choices[trials.index(t)]
+            choice = dict(source) if isinstance(source, dict) else {}
+            choice["index"] = position
+            ext = t.extension()
+            ext["committed"] = t.branch == committed and committed is not None
+            choice[EXTENSION] = ext
+            out_choices.append(choice)
+        doc = dict(doc)
+        doc["choices"] = out_choices
+        doc[EXTENSION] = {
+            "best_of": best_of, "n": n, "verified": len(verified), "returned": len(chosen),
+            "committed": committed, "scorer": getattr(self.scorer, "__name__", str(self.scorer)),
+            "candidates": [t.extension() for t in trials],
+        }
+        return doc
+
+    async def default_model(self) -> str:
+        if self.config.model is not None:
+            return self.config.model
+        doc = await self.upstream("GET", "/models")
+        data = doc.get("data")
+        if not isinstance(data, list) or not data or not isinstance(data[0], dict):
+            raise ServeError(502, "the upstream server lists no model", "upstream_error")
+        return str(data[0].get("id"))
+
+
+def _positive(body: Mapping[str, Any], name: str, default: int) -> int:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not _is_int(value) or value < 1:
+        raise _bad_request(f"'{name}' must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _raise_first(group: BaseExceptionGroup[BaseException]) -> None:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            _raise_first(exc)
+        if isinstance(exc, ServeError):
+            raise exc
+    raise group
+
+
+def create_app(config: ServeConfig) -> Starlette:
+    """The ASGI app: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``.
+
+    The workspace and the upstream client are opened in the app's lifespan
+    and closed (every branch aborted, every process killed) when it ends.
+    """
+    server = _Server(config)
+    req_log = structlog.get_logger("branchagent.serve.access")
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with (
+            open_workspace(config.workspace, backend=config.backend) as ws,
+            httpx.AsyncClient(base_url=config.upstream.rstrip("/"),
+                              timeout=config.upstream_timeout,
+                              transport=config.transport) as client,
+        ):
+            server.ws, server.client = ws, client
+            try:
+                yield
+            finally:
+                server.ws = server.client = None
+
+    def handler(fn: Callable[[Request], Any]) -> Callable[[Request], Any]:
+        async def endpoint(request: Request) -> Response:
+            started = time.monotonic()
+            rid = uuid.uuid4().hex[:12]
+            fields: dict[str, Any] = {}
+            try:
+                doc = await fn(request)
+                if isinstance(doc, dict) and EXTENSION in doc:
+                    ext = doc[EXTENSION]
+                    fields = {k: ext[k] for k in ("best_of", "n", "verified", "returned",
+                                                  "committed")}
+                response: Response = JSONResponse(doc)
+            except ServeError as exc:
+                fields = {"error": exc.message[:300]}
+                response = exc.response()
+            except Exception as exc:
+                fields = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                response = ServeError(500, f"internal error: {type(exc).__name__}: {exc}",
+                                      "server_error").response()
+            req_log.info("serve_request", id=rid, method=request.method,
+                         path=request.url.path, status=response.status_code,
+                         duration_ms=round((time.monotonic() - started) * 1e3, 3), **fields)
+            return response
+
+        return endpoint
+
+    async def models(request: Request) -> Any:
+        return await server.upstream("GET", "/models")
+
+    async def completions(request: Request) -> Any:
+        return await server.complete(request, chat=False)
+
+    async def chat(request: Request) -> Any:
+        return await server.complete(request, chat=True)
+
+    async def health(request: Request) -> Any:
+        return {"status": "ok"}
+
+    routes: list[Route] = [
+        Route("/health", handler(health), methods=["GET"]),
+        Route("/v1/models", handler(models), methods=["GET"]),
+        Route("/v1/completions", handler(completions), methods=["POST"]),
+        Route("/v1/chat/completions", handler(chat), methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.server = server
+    return app
+
+
+def config_summary(config: ServeConfig) -> Mapping[str, Any]:
+    """What the server logs when it starts."""
+    return {"upstream": config.upstream, "workspace": str(config.workspace),
+            "backend": config.backend, "verify": config.verify,
+            "apply": config.apply if isinstance(config.apply, str) else repr(config.apply),
+            "best_of": config.best_of, "max_concurrent": config.max_concurrent}

