@@ -10,7 +10,7 @@ repository's own path). The winner is committed into the repository; the
 losers vanish. Then it prints which branch won and why, the diff, and how
 long each candidate took, and runs the tests once more in the repository.
 
-    python examples/demo.py                      # BestOfN on the copy backend
+    python examples/demo.py                      # BestOfN on the default (fuse) backend
     python examples/demo.py --strategy speculate # first patch that passes wins
     python examples/demo.py --workdir /tmp/x --json /tmp/x/outcome.json -v
 
@@ -316,8 +316,9 @@ async def run_demo(args: argparse.Namespace, workdir: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--backend", default="copy",
-                        help="workspace backend (default: copy; the fuse backend is not built yet)")
+    parser.add_argument("--backend", default="fuse",
+                        help="workspace backend (default: fuse, the copy-on-write filesystem; "
+                             "copy works anywhere)")
     parser.add_argument("--strategy", choices=["best_of_n", "speculate"], default="best_of_n")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="bound on the strategy's wall time, seconds (default 300)")

@@ -10,7 +10,10 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import anyio
 import pytest
+
+import branchagent as ba
 
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "demo.py"
 
@@ -24,13 +27,21 @@ def load_demo() -> ModuleType:
     return module
 
 
+def open_branches(repo: Path, backend: str) -> list[str]:
+    async def names() -> list[str]:
+        async with ba.open_workspace(repo, backend=backend, keep_branches=True) as ws:
+            return [b.name for b in ws.branches()]
+
+    return anyio.run(names)
+
+
 @pytest.mark.parametrize("strategy", ["best_of_n", "speculate"])
-def test_demo_commits_the_right_patch(tmp_path: Path, strategy: str) -> None:
+def test_demo_commits_the_right_patch(tmp_path: Path, strategy: str, backend_name: str) -> None:
     demo = load_demo()
     outcome_file = tmp_path / "outcome.json"
     proc = subprocess.run(
         [sys.executable, os.fspath(DEMO), "--workdir", os.fspath(tmp_path),
-         "--strategy", strategy, "--json", os.fspath(outcome_file)],
+         "--strategy", strategy, "--backend", backend_name, "--json", os.fspath(outcome_file)],
         capture_output=True, text=True, timeout=240, check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -48,7 +59,7 @@ def test_demo_commits_the_right_patch(tmp_path: Path, strategy: str) -> None:
     assert (repo / "stats.py").read_text() == right_content
     assert (repo / "test_stats.py").read_text() == demo.TESTS
     assert not (repo / "__pycache__").exists()
-    assert not list((tmp_path / ".stats-repo.branchagent" / "copy" / "branches").iterdir())
+    assert open_branches(repo, backend_name) == []
 
     out = proc.stdout
     assert f'winner: candidate {demo.RIGHT} "{right_title}"' in out

@@ -12,7 +12,9 @@ __all__ = ["available_backends", "load_backend"]
 GROUP = "branchagent.backends"
 
 _INSTALL_HINTS = {
-    "fuse": "the FUSE backend is not built yet in this version; use backend='copy'",
+    "fuse": "the FUSE backend needs pyfuse3 (pip install 'branchagent[fuse]', which builds "
+    "against libfuse3: apt-get install fuse3 libfuse3-dev pkg-config); backend='copy' "
+    "works anywhere",
     "overlay": "the overlay backend is not built yet in this version; use backend='copy'",
 }
 

@@ -1,0 +1,311 @@
+"""The agent side of the FUSE backend: start, talk to and stop the filesystem process."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import structlog
+from anyio.abc import Process, SocketStream
+
+from ... import _journal
+from ..._branch import Change
+from ...exceptions import BackendError, BackendUnavailable, BranchNotFound, WorkspaceClosed
+from ._protocol import change_from_json, encode, error_from_json
+
+__all__ = ["FuseBackend"]
+
+log = structlog.get_logger("branchagent.fuse")
+
+_INSTALL = ("pip install 'branchagent[fuse]' (it builds pyfuse3 against libfuse3: "
+            "apt-get install fuse3 libfuse3-dev pkg-config)")
+
+
+def check_available() -> None:
+    """Raise ``BackendUnavailable`` (saying what is missing) unless FUSE can work here."""
+    if importlib.util.find_spec("pyfuse3") is None:
+        raise BackendUnavailable(f"the FUSE backend needs pyfuse3: {_INSTALL}")
+    if not os.path.exists("/dev/fuse"):
+        raise BackendUnavailable("the FUSE backend needs /dev/fuse, which this machine lacks "
+                                 "(in a container: --device /dev/fuse); use backend='copy'")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise BackendUnavailable("/dev/fuse is not readable and writable by this user; "
+                                 "use backend='copy' or run as a user allowed to mount FUSE")
+    if os.geteuid() != 0 and shutil.which("fusermount3") is None:
+        raise BackendUnavailable("the FUSE backend needs fusermount3 (apt-get install fuse3)")
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def is_mounted(path: Path) -> bool:
+    """Whether ``path`` is a mount point (also a dead FUSE mount, which stat cannot see)."""
+    target = os.fspath(path)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and _unescape(fields[4]) == target:
+                    return True
+    except OSError:
+        return os.path.ismount(path)
+    return False
+
+
+def unmount(path: Path) -> None:
+    """Detach a FUSE mount, lazily (busy is fine); no error when it is already gone."""
+    for argv in (["fusermount3", "-u", "-z", os.fspath(path)], ["umount", "-l", os.fspath(path)]):
+        if not is_mounted(path):
+            return
+        if shutil.which(argv[0]) is None:
+            continue
+        subprocess.run(argv, check=False, capture_output=True, timeout=30)
+
+
+def _wait_unlocked(lock: Path, timeout: float) -> None:
+    """Wait until no filesystem process holds ``lock`` (a previous one winding down)."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise BackendError(
+                        f"another FUSE server still holds {lock}; is the workspace served "
+                        "by a process that outlived its agent?") from None
+                time.sleep(0.05)
+                continue
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return
+    finally:
+        os.close(fd)
+
+
+class FuseBackend:
+    """Branches as ``@<id>`` directories of one pyfuse3 copy-on-write mount.
+
+    The filesystem runs in its own process (see ``_server``), started by
+    :meth:`open` and stopped by :meth:`aclose`; it unmounts by itself when this
+    process dies. Forks are O(1) (a new layer); commits into the base go
+    through the journal and move files by rename.
+    """
+
+    name = "fuse"
+    #: Top-level branches show the live base: writes made into it from outside show
+    #: through (DESIGN.md allows it); they are still parent changes at commit.
+    isolates_outside_writes = False
+
+    def __init__(self, *, start_timeout: float = 60.0, stop_timeout: float = 10.0) -> None:
+        self._start_timeout = start_timeout
+        self._stop_timeout = stop_timeout
+        self._root: Path | None = None
+        self._state: Path | None = None
+        self._mnt: Path | None = None
+        self._proc: Process | None = None
+        self._stream: SocketStream | None = None
+        self._buf = b""
+        self._rid = 0
+        self._ids: dict[str, int] = {}
+        self._lock = anyio.Lock()
+
+    # -- paths -----------------------------------------------------------------------------
+
+    @property
+    def mountpoint(self) -> Path:
+        if self._mnt is None:
+            raise WorkspaceClosed("the FUSE backend is not open")
+        return self._mnt
+
+    @property
+    def server_pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def _log_path(self) -> Path:
+        assert self._state is not None
+        return self._state / "fuse" / "server.log"
+
+    def path(self, name: str | None) -> Path:
+        if self._root is None:
+            raise WorkspaceClosed("the FUSE backend is not open")
+        if name is None:
+            return self._root
+        bid = self._ids.get(name)
+        if bid is None:
+            raise BranchNotFound(f"no branch named {name!r} in the FUSE backend")
+        return self.mountpoint / f"@{bid}"
+
+    def exists(self, name: str) -> bool:
+        return name in self._ids
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def _prepare(self, state: Path) -> None:
+        fuse_dir = state / "fuse"
+        (fuse_dir / "mnt").mkdir(parents=True, exist_ok=True)
+        _journal.recover(state / "journal")
+        _wait_unlocked(fuse_dir / "server.lock", self._stop_timeout)
+        if is_mounted(fuse_dir / "mnt"):
+            log.warning("fuse_stale_mount", path=str(fuse_dir / "mnt"))
+            unmount(fuse_dir / "mnt")
+
+    async def open(self, root: Path, state_dir: Path) -> None:
+        check_available()
+        if self._proc is not None:
+            raise BackendError("this FUSE backend is already open")
+        self._root, self._state = root, state_dir
+        self._mnt = state_dir / "fuse" / "mnt"
+        await anyio.to_thread.run_sync(self._prepare, state_dir)
+        ours, theirs = socket.socketpair()
+        log_fd = await anyio.to_thread.run_sync(
+            lambda: os.open(self._log_path(), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                            0o600))
+        try:
+            self._proc = await anyio.open_process(
+                [sys.executable, "-m", "branchagent._backends.fuse._server",
+                 "--root", os.fspath(root), "--state", os.fspath(state_dir),
+                 "--fd", str(theirs.fileno()), "--parent", str(os.getpid())],
+                stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                pass_fds=(theirs.fileno(),), start_new_session=True)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+            os.close(log_fd)
+        self._stream = await SocketStream.from_socket(ours)
+        try:
+            with anyio.fail_after(self._start_timeout):
+                hello = await self._receive()
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await self._stop(graceful=False)
+            if isinstance(exc, Exception):
+                raise BackendUnavailable(
+                    f"the FUSE server did not start: {exc}; its log says:\n{self._log_tail()}"
+                ) from exc
+            raise
+        if not hello.get("ready"):
+            with anyio.CancelScope(shield=True):
+                await self._stop(graceful=False)
+            raise BackendUnavailable(f"unexpected first message from the FUSE server: {hello}")
+        self._ids = {str(k): int(v) for k, v in hello.get("branches", {}).items()}
+        for name in hello.get("lost", []):
+            log.warning("branch_lost", branch=name, reason="its layers are missing or broken")
+        log.info("fuse_mounted", mountpoint=str(self._mnt), pid=self._proc.pid,
+                 branches=len(self._ids))
+
+    def _log_tail(self) -> str:
+        try:
+            return self._log_path().read_text(errors="replace")[-4000:]
+        except OSError:
+            return "(no log)"
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._stop(graceful=True)
+        self._ids.clear()
+        self._root = self._state = None
+
+    async def _stop(self, *, graceful: bool) -> None:
+        proc, stream = self._proc, self._stream
+        self._proc = self._stream = None
+        if proc is None:
+            return
+        try:
+            if graceful and stream is not None:
+                with anyio.move_on_after(self._stop_timeout):
+                    with contextlib.suppress(Exception):
+                        await stream.send(encode({"id": 0, "op": "shutdown"}))
+                    await proc.wait()
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.terminate()
+                with anyio.move_on_after(self._stop_timeout):
+                    await proc.wait()
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        finally:
+            if stream is not None:
+                await stream.aclose()
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                await proc.aclose()
+            if self._mnt is not None:
+                mnt = self._mnt
+                await anyio.to_thread.run_sync(unmount, mnt)
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    async def _receive(self) -> dict[str, Any]:
+        assert self._stream is not None
+        while b"\n" not in self._buf:
+            try:
+                data = await self._stream.receive(1 << 16)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError) as exc:
+                raise BackendError(
+                    f"the FUSE server process went away (see {self._log_path()})") from exc
+            self._buf += data
+        line, self._buf = self._buf.split(b"\n", 1)
+        return dict(json.loads(line))
+
+    async def _call(self, op: str, **args: Any) -> Any:
+        if self._stream is None:
+            raise WorkspaceClosed("the FUSE backend is not open")
+        async with self._lock:
+            with anyio.CancelScope(shield=True):  # never leave an answer unread
+                self._rid += 1
+                rid = self._rid
+                await self._stream.send(encode({"id": rid, "op": op, **args}))
+                while True:
+                    reply = await self._receive()
+                    if reply.get("id") == rid:
+                        break
+        if "err" in reply:
+            raise error_from_json(reply["err"])
+        return reply.get("ok")
+
+    # -- Backend protocol -----------------------------------------------------------------------
+
+    async def create(self, name: str, parent: str | None) -> Path:
+        bid = await self._call("create", name=name, parent=parent)
+        self._ids[name] = int(bid)
+        return self.path(name)
+
+    async def commit(self, name: str, parent: str | None) -> list[Change]:
+        raw = await self._call("commit", name=name, parent=parent)
+        self._ids.pop(name, None)
+        return [change_from_json(c) for c in raw]
+
+    async def abort(self, name: str) -> None:
+        if self._stream is None:
+            self._ids.pop(name, None)
+            return
+        await self._call("abort", name=name)
+        self._ids.pop(name, None)
+
+    async def changes(self, name: str, parent: str | None) -> list[Change]:
+        raw = await self._call("changes", name=name, parent=parent)
+        return [change_from_json(c) for c in raw]
+
+    async def old_content(self, name: str, parent: str | None, path: str) -> bytes | None:
+        raw = await self._call("old_content", name=name, parent=parent, path=path)
+        return None if raw is None else base64.b64decode(raw)
+

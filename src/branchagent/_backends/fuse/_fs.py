@@ -1,0 +1,971 @@
+"""The pyfuse3 request handlers: every branch of a workspace under one mount.
+
+The mount root lists one directory ``@<id>`` per open branch (an id, not the
+branch name: a 255-byte name does not fit in ``@<name>``). Inodes are
+per-branch paths: a node is (branch, parent node, name), so a rename moves a
+node and keeps its inode number, and numbers stay stable for the life of a
+branch. A path deleted and made again gets a new inode.
+
+Every handler is synchronous underneath (no await between reading and
+changing state), so the single-threaded server applies each request whole.
+Only ``FUSEError`` leaves a handler, with the errno of the OS call that
+failed or the one POSIX prescribes; EIO only for a bug, and it is logged.
+
+Kernel caching is on (entry and attribute timeouts of a minute; page cache
+kept across opens for files below a branch's top layer, which never change
+in place). What changes behind the kernel's back is invalidated explicitly:
+the paths a nested commit writes into the parent, the ``@<id>`` entry of a
+branch that is gone, and paths written into the base from outside (seen by
+inotify, for the top-level branches that show the base). Invalidations run
+in a worker thread (the kernel may wait for a request this thread has to
+answer) and are complete before the control request that caused them is
+answered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Iterable, Iterator, Sequence
+
+import pyfuse3
+import trio
+
+from ._layers import Found, Layer, Source, View, copy_data, copy_metadata, join, parent_of
+from ._store import BranchRec, Store
+
+__all__ = ["BranchFS"]
+
+log = logging.getLogger("branchagent.fuse")
+
+ENTRY_TIMEOUT = 60.0
+ATTR_TIMEOUT = 60.0
+ROOT = pyfuse3.ROOT_INODE
+_AS_ROOT = os.geteuid() == 0
+_OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | getattr(os, "O_DIRECT", 0)
+_RENAME_EXCHANGE = 2
+
+
+def _err(code: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(code)
+
+
+@contextlib.contextmanager
+def _errors(op: str) -> Iterator[None]:
+    """Let only FUSEError out of a handler, with the errno of the OS call that failed."""
+    try:
+        yield
+    except pyfuse3.FUSEError:
+        raise
+    except OSError as exc:
+        raise _err(exc.errno or errno.EIO) from None
+    except Exception:
+        log.exception("bug in FUSE handler %s", op)
+        raise _err(errno.EIO) from None
+
+
+def _invalidate(batch: list[tuple[int, bytes | None]]) -> None:
+    for ino, name in batch:
+        try:
+            if name is None:
+                pyfuse3.invalidate_inode(ino, attr_only=False)
+            else:
+                pyfuse3.invalidate_entry(ino, name)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.EBADF):
+                log.warning("invalidation of %s %r failed: %s", ino, name, exc)
+
+
+class Node:
+    """A path of one branch as the kernel knows it."""
+
+    __slots__ = ("bid", "children", "detached", "handles", "ino", "kind", "lookups", "name",
+                 "parent", "src", "src_epoch")
+
+    def __init__(self, ino: int, bid: int, parent: Node | None, name: str, kind: int) -> None:
+        self.ino = ino
+        self.bid = bid
+        self.parent = parent
+        self.name = name
+        self.kind = kind  # S_IFMT bits when it was looked up
+        self.children: dict[str, Node] = {}
+        self.lookups = 0
+        self.handles: set[int] = set()
+        self.detached = False
+        self.src: list[Source] | None = None
+        self.src_epoch = -1
+
+    def path(self) -> str:
+        parts = []
+        n: Node | None = self
+        while n is not None and n.parent is not None:
+            parts.append(n.name)
+            n = n.parent
+        return "/".join(reversed(parts))
+
+
+class Handle:
+    __slots__ = ("fd", "flags", "node", "real")
+
+    def __init__(self, fd: int, flags: int, node: Node, real: str) -> None:
+        self.fd = fd
+        self.flags = flags
+        self.node = node
+        self.real = real
+
+    @property
+    def writable(self) -> bool:
+        return (self.flags & os.O_ACCMODE) != os.O_RDONLY
+
+
+class DirHandle:
+    __slots__ = ("entries", "node")
+
+    def __init__(self, node: Node | None) -> None:
+        self.node = node  # None: the mount root
+        self.entries: list[tuple[str, Found | None, int]] | None = None
+
+
+def _renameat2(src: str, dst: str, flags: int) -> None:
+    libc = _libc()
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), flags) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), src)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+class BranchFS(pyfuse3.Operations):
+    """pyfuse3 operations over a :class:`Store` (also its :class:`Hooks`)."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, store: Store) -> None:
+        super().__init__()
+        self.store = store
+        self.nodes: dict[int, Node] = {}
+        self.roots: dict[int, Node] = {}
+        self.handles: dict[int, Handle] = {}
+        self.dirs: dict[int, DirHandle] = {}
+        self._next_ino = ROOT + 1
+        self._next_fh = 1
+        self._pending: list[tuple[int, bytes | None]] = []  # (inode, None) or (parent, name)
+        store.hooks = self
+        store.watch.on_change = self.base_changed
+
+    # -- kernel cache invalidation ------------------------------------------------------------
+
+    def _forget_entry(self, node: Node) -> None:
+        """Have the kernel drop its entry for ``node`` and the attributes of its directory."""
+        if node.parent is not None:
+            self._pending.append((node.parent.ino, os.fsencode(node.name)))
+            self._pending.append((node.parent.ino, None))
+
+    async def flush_invalidations(self) -> None:
+        """Apply the pending invalidations (in a worker thread: the kernel may wait on us)."""
+        while self._pending:
+            batch, self._pending = self._pending, []
+            await trio.to_thread.run_sync(_invalidate, batch)
+
+    def base_changed(self, paths: list[str]) -> None:
+        """Paths written into the base from outside: top-level branches show them."""
+        for b in self.store.branches.values():
+            if b.parent is not None:
+                continue
+            for p in paths:
+                node = self._find_node(b.id, p)
+                if node is None:
+                    head = p.rpartition("/")[0]
+                    parent = self._find_node(b.id, head)
+                    if parent is not None:
+                        self._pending.append((parent.ino, os.fsencode(p.rpartition("/")[2])))
+                        self._pending.append((parent.ino, None))
+                    continue
+                self._pending.append((node.ino, None))
+                self._forget_entry(node)
+            b.epoch += 1
+
+    # -- nodes ------------------------------------------------------------------------------
+
+    def _new_node(self, bid: int, parent: Node | None, name: str, kind: int) -> Node:
+        node = Node(self._next_ino, bid, parent, name, kind)
+        self._next_ino += 1
+        self.nodes[node.ino] = node
+        if parent is not None:
+            parent.children[name] = node
+        return node
+
+    def _root_of(self, b: BranchRec) -> Node:
+        node = self.roots.get(b.id)
+        if node is None:
+            node = self._new_node(b.id, None, "", stat.S_IFDIR)
+            self.roots[b.id] = node
+        return node
+
+    def _node(self, ino: int) -> Node:
+        node = self.nodes.get(ino)
+        if node is None:
+            raise _err(errno.ENOENT)
+        return node
+
+    def _branch(self, node: Node) -> BranchRec:
+        b = self.store.branches.get(node.bid)
+        if b is None:
+            raise _err(errno.ENOENT)
+        return b
+
+    def _view(self, b: BranchRec) -> View:
+        return self.store.view(b)
+
+    def _sources(self, node: Node, b: BranchRec) -> list[Source]:
+        """Where directory ``node`` lives (cached until the branch's namespace changes)."""
+        if node.src is not None and node.src_epoch == b.epoch:
+            return node.src
+        if node.parent is None:
+            src = self._view(b).root_sources()
+        else:
+            f = self._found(node, b)
+            if f.dirs is None:
+                raise _err(errno.ENOTDIR)
+            src = f.dirs
+        node.src, node.src_epoch = src, b.epoch
+        return src
+
+    def _found(self, node: Node, b: BranchRec) -> Found:
+        if node.detached:
+            raise _err(errno.ENOENT)
+        view = self._view(b)
+        if node.parent is None:
+            return view.root()
+        psrc = self._sources(node.parent, b)
+        f = view.lookup(node.parent.path(), psrc, node.name)
+        if f is None or stat.S_IFMT(f.st.st_mode) != node.kind:
+            raise _err(errno.ENOENT)
+        return f
+
+    def _child(self, parent: Node, f: Found) -> Node:
+        name = f.path.rpartition("/")[2]
+        kind = stat.S_IFMT(f.st.st_mode)
+        node = parent.children.get(name)
+        if node is not None and node.kind == kind:
+            return node
+        if node is not None:
+            self._detach(node)
+        return self._new_node(parent.bid, parent, name, kind)
+
+    def _detach(self, node: Node) -> None:
+        if node.parent is not None and node.parent.children.get(node.name) is node:
+            del node.parent.children[node.name]
+        node.detached = True
+        self._maybe_free(node)
+
+    def _maybe_free(self, node: Node) -> None:
+        if node.lookups <= 0 and not node.handles and not node.children and (
+            node.detached or node.bid not in self.store.branches
+        ):
+            self.nodes.pop(node.ino, None)
+            if node.parent is not None and node.parent.children.get(node.name) is node:
+                del node.parent.children[node.name]
+                self._maybe_free(node.parent)
+
+    def _find_node(self, bid: int, path: str) -> Node | None:
+        node = self.roots.get(bid)
+        if node is None or not path:
+            return node
+        for part in path.split("/"):
+            node = node.children.get(part)
+            if node is None:
+                return None
+        return node
+
+    def _dir(self, ino: int) -> tuple[Node, BranchRec, list[Source]]:
+        """A directory of a branch (the mount root is refused with EPERM)."""
+        if ino == ROOT:
+            raise _err(errno.EPERM)
+        node = self._node(ino)
+        b = self._branch(node)
+        if node.kind != stat.S_IFDIR:
+            raise _err(errno.ENOTDIR)
+        return node, b, self._sources(node, b)
+
+    def _attr(self, ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.generation = 0
+        a.entry_timeout = ENTRY_TIMEOUT
+        a.attr_timeout = ATTR_TIMEOUT
+        a.st_mode = st.st_mode
+        a.st_nlink = 1 if stat.S_ISDIR(st.st_mode) else st.st_nlink
+        a.st_uid = st.st_uid
+        a.st_gid = st.st_gid
+        a.st_rdev = st.st_rdev
+        a.st_size = st.st_size
+        a.st_blksize = st.st_blksize
+        a.st_blocks = st.st_blocks
+        a.st_atime_ns = st.st_atime_ns
+        a.st_mtime_ns = st.st_mtime_ns
+        a.st_ctime_ns = st.st_ctime_ns
+        return a
+
+    def _root_attr(self) -> pyfuse3.EntryAttributes:
+        st = os.stat(self.store.dir)
+        a = self._attr(ROOT, st)
+        a.st_mode = stat.S_IFDIR | 0o755
+        return a
+
+    def _entry(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        node.lookups += 1
+        return self._attr(node.ino, st)
+
+    def _owner(self, pf: Found, ctx: pyfuse3.RequestContext, real: str, *,
+               is_dir: bool = False) -> None:
+        """New entries belong to the caller (group from a setgid parent directory)."""
+        gid = ctx.gid
+        setgid = bool(pf.st.st_mode & stat.S_ISGID)
+        if setgid:
+            gid = pf.st.st_gid
+        if _AS_ROOT and (ctx.uid, gid) != (os.geteuid(), os.getegid()):
+            os.lchown(real, ctx.uid, gid)
+        if is_dir and setgid:
+            os.chmod(real, stat.S_IMODE(os.lstat(real).st_mode) | stat.S_ISGID)
+
+    # -- hooks (from the store) ---------------------------------------------------------------
+
+    def froze(self, b: BranchRec, old_top: Layer) -> None:
+        """The branch's top layer is now shared: move its open writable files up."""
+        view = self._view(b)
+        prefix = old_top.tree + "/"
+        copied: dict[str, str] = {}
+        for h in list(self.handles.values()):
+            if h.node.bid != b.id or not h.writable or h.node.detached:
+                continue
+            path = h.node.path()
+            old_real = old_top.real(path)
+            if not old_real.startswith(prefix):
+                continue
+            try:
+                if not os.path.samestat(os.fstat(h.fd), os.lstat(old_real)):
+                    continue
+            except FileNotFoundError:
+                continue
+            new_real = copied.get(old_real)
+            if new_real is None:
+                new_real = view.top.real(path)
+                view.ensure_dir(parent_of(path))
+                copy_data(old_real, new_real, None)
+                copy_metadata(old_real, new_real, os.lstat(old_real))
+                view.top.dirty = True
+                copied[old_real] = new_real
+            fd = os.open(new_real, (h.flags & ~(_OPEN_DROP | os.O_TRUNC)) | os.O_NOFOLLOW
+                         | os.O_CLOEXEC)
+            os.close(h.fd)
+            h.fd, h.real = fd, new_real
+
+    def merged(self, b: BranchRec, paths: Iterable[str]) -> None:
+        for p in paths:
+            node = self._find_node(b.id, p)
+            if node is not None and node.parent is not None:
+                self._forget_entry(node)
+                self._detach(node)
+            elif node is None:
+                parent = self._find_node(b.id, parent_of(p))
+                if parent is not None:
+                    self._pending.append((parent.ino, os.fsencode(p.rpartition("/")[2])))
+                    self._pending.append((parent.ino, None))
+
+    def gone(self, bid: int) -> None:
+        self._pending.append((ROOT, os.fsencode(f"@{bid}")))
+        self.roots.pop(bid, None)
+        for node in [n for n in self.nodes.values() if n.bid == bid]:
+            node.detached = True
+            node.children.clear()
+            if node.lookups <= 0 and not node.handles:
+                self.nodes.pop(node.ino, None)
+
+    # -- lookup and attributes ------------------------------------------------------------------
+
+    def _lookup(self, parent_inode: int, name: bytes,
+               ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        n = os.fsdecode(name)
+        if parent_inode == ROOT:
+            if not n.startswith("@") or not (n[1:].isascii() and n[1:].isdigit()):
+                raise _err(errno.ENOENT)
+            b = self.store.branches.get(int(n[1:]))
+            if b is None:
+                raise _err(errno.ENOENT)
+            node = self._root_of(b)
+            return self._entry(node, self._view(b).root().st)
+        node = self._node(parent_inode)
+        b = self._branch(node)
+        if node.kind != stat.S_IFDIR:
+            raise _err(errno.ENOTDIR)
+        f = self._view(b).lookup(node.path(), self._sources(node, b), n)
+        if f is None:
+            raise _err(errno.ENOENT)
+        return self._entry(self._child(node, f), f.st)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            node = self.nodes.get(ino)
+            if node is None:
+                continue
+            node.lookups -= count
+            self._maybe_free(node)
+
+    def _stat_node(self, node: Node) -> os.stat_result:
+        if node.detached or node.bid not in self.store.branches:
+            for fh in node.handles:
+                return os.fstat(self.handles[fh].fd)
+            raise _err(errno.ENOENT)
+        return self._found(node, self._branch(node)).st
+
+    def _getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if inode == ROOT:
+            return self._root_attr()
+        node = self._node(inode)
+        return self._attr(inode, self._stat_node(node))
+
+    def _setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if inode == ROOT:
+            raise _err(errno.EPERM)
+        node = self._node(inode)
+        target: str | int
+        if node.detached or node.bid not in self.store.branches:
+            if not node.handles:
+                raise _err(errno.ENOENT)
+            target = self.handles[next(iter(node.handles))].fd
+        else:
+            b = self._branch(node)
+            view = self._view(b)
+            f = self._found(node, b)
+            if f.is_dir:
+                target = view.ensure_dir(f.path)
+            else:
+                size = attr.st_size if fields.update_size else None
+                if f.layer is not view.top:
+                    keep = size if size is not None and size < f.st.st_size else None
+                    view.copy_up(f, size=keep)
+                target = f.real
+            view.top.dirty = True
+            b.epoch += 1
+        if fields.update_size:
+            if isinstance(target, int):
+                os.ftruncate(target, attr.st_size)
+            else:
+                os.truncate(target, attr.st_size)
+        if fields.update_uid or fields.update_gid:
+            uid = attr.st_uid if fields.update_uid else -1
+            gid = attr.st_gid if fields.update_gid else -1
+            if isinstance(target, int):
+                os.fchown(target, uid, gid)
+            else:
+                os.lchown(target, uid, gid)
+        if fields.update_mode:
+            os.chmod(target, stat.S_IMODE(attr.st_mode))
+        if fields.update_atime or fields.update_mtime:
+            cur = os.fstat(target) if isinstance(target, int) else os.lstat(target)
+            times = (attr.st_atime_ns if fields.update_atime else cur.st_atime_ns,
+                     attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns)
+            if isinstance(target, int):
+                os.utime(target, ns=times)
+            else:
+                os.utime(target, ns=times, follow_symlinks=False)
+        st = os.fstat(target) if isinstance(target, int) else os.lstat(target)
+        return self._attr(inode, st)
+
+    def _readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(inode)
+        f = self._found(node, self._branch(node))
+        if not stat.S_ISLNK(f.st.st_mode):
+            raise _err(errno.EINVAL)
+        return os.readlink(os.fsencode(f.real))
+
+    # -- making entries ------------------------------------------------------------------------
+
+    def _prepare(self, parent_inode: int, name: bytes) -> tuple[Node, BranchRec, View, str, Found]:
+        """Checks for a new entry ``name``: returns (parent, branch, view, path, parent entry)."""
+        node, b, src = self._dir(parent_inode)
+        n = os.fsdecode(name)
+        view = self._view(b)
+        ppath = node.path()
+        if view.lookup(ppath, src, n) is not None:
+            raise _err(errno.EEXIST)
+        pf = view.root() if node.parent is None else self._found(node, b)
+        return node, b, view, join(ppath, n), pf
+
+    def _made(self, node: Node, b: BranchRec, view: View, path: str
+              ) -> tuple[Node, os.stat_result]:
+        b.epoch += 1
+        f = view.resolve(path)
+        if f is None:  # pragma: no cover - we just made it
+            raise _err(errno.EIO)
+        return self._child(node, f), f.st
+
+    def _mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+              ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        kind = stat.S_IFMT(mode)
+        if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
+            raise _err(errno.EPERM)  # device nodes are not tracked by branches
+        node, b, view, path, pf = self._prepare(parent_inode, name)
+        real = view.prepare_new(path)
+        if kind == stat.S_IFIFO:
+            os.mkfifo(real, stat.S_IMODE(mode))
+        else:
+            os.mknod(real, mode, 0)
+        self._owner(pf, ctx, real)
+        child, st = self._made(node, b, view, path)
+        return self._entry(child, st)
+
+    def _mkdir(self, parent_inode: int, name: bytes, mode: int,
+              ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node, b, view, path, pf = self._prepare(parent_inode, name)
+        real = view.prepare_new(path)
+        os.mkdir(real, stat.S_IMODE(mode))
+        view.top.set_opaque(path)
+        self._owner(pf, ctx, real, is_dir=True)
+        child, st = self._made(node, b, view, path)
+        return self._entry(child, st)
+
+    def _symlink(self, parent_inode: int, name: bytes, target: bytes,
+                ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node, b, view, path, pf = self._prepare(parent_inode, name)
+        real = view.prepare_new(path)
+        os.symlink(target, os.fsencode(real))
+        self._owner(pf, ctx, real)
+        child, st = self._made(node, b, view, path)
+        return self._entry(child, st)
+
+    def _create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+               ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        node, b, view, path, pf = self._prepare(parent_inode, name)
+        real = view.prepare_new(path)
+        fd = os.open(real, (flags & ~_OPEN_DROP) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, stat.S_IMODE(mode))
+        try:
+            self._owner(pf, ctx, real)
+            child, st = self._made(node, b, view, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        fh = self._add_handle(fd, flags, child, real)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._entry(child, st)
+
+    def _link(self, inode: int, new_parent_inode: int, new_name: bytes,
+             ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        src = self._node(inode)
+        if src.kind == stat.S_IFDIR:
+            raise _err(errno.EPERM)
+        node, b, view, path, _pf = self._prepare(new_parent_inode, new_name)
+        if src.bid != b.id:
+            raise _err(errno.EXDEV)
+        f = self._found(src, b)
+        real_src = view.copy_up(f)
+        real = view.prepare_new(path)
+        os.link(real_src, real)
+        child, st = self._made(node, b, view, path)
+        return self._entry(child, st)
+
+    # -- removing and renaming ------------------------------------------------------------------
+
+    def _existing(self, parent_inode: int, name: bytes) -> tuple[Node, BranchRec, View, Found]:
+        node, b, src = self._dir(parent_inode)
+        view = self._view(b)
+        f = view.lookup(node.path(), src, os.fsdecode(name))
+        if f is None:
+            raise _err(errno.ENOENT)
+        return node, b, view, f
+
+    def _gone(self, node: Node, b: BranchRec, name: str) -> None:
+        b.epoch += 1
+        child = node.children.get(name)
+        if child is not None:
+            self._detach(child)
+
+    def _unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node, b, view, f = self._existing(parent_inode, name)
+        if f.is_dir:
+            raise _err(errno.EISDIR)
+        view.remove(f)
+        self._gone(node, b, os.fsdecode(name))
+
+    def _rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node, b, view, f = self._existing(parent_inode, name)
+        if f.dirs is None:
+            raise _err(errno.ENOTDIR)
+        if view.listdir(f.path, f.dirs):
+            raise _err(errno.ENOTEMPTY)
+        view.remove(f)
+        self._gone(node, b, os.fsdecode(name))
+
+    def _rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+               name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        if parent_inode_old == ROOT or parent_inode_new == ROOT:
+            raise _err(errno.EPERM)
+        pold, b, view, f = self._existing(parent_inode_old, name_old)
+        pnew, b2, src_new = self._dir(parent_inode_new)
+        if b2.id != b.id:
+            raise _err(errno.EXDEV)
+        n_old, n_new = os.fsdecode(name_old), os.fsdecode(name_new)
+        dpath = join(pnew.path(), n_new)
+        spath = f.path
+        if dpath == spath:
+            return
+        if dpath.startswith(spath + "/"):
+            raise _err(errno.EINVAL)
+        d = view.lookup(pnew.path(), src_new, n_new)
+        if flags & pyfuse3.RENAME_NOREPLACE and d is not None:
+            raise _err(errno.EEXIST)
+        top = view.top
+        if flags & _RENAME_EXCHANGE:
+            if d is None:
+                raise _err(errno.ENOENT)
+            if spath.startswith(dpath + "/"):
+                raise _err(errno.EINVAL)
+            rs = view.materialize(f) if f.is_dir else view.copy_up(f)
+            rd = view.materialize(d) if d.is_dir else view.copy_up(d)
+            _renameat2(rs, rd, _RENAME_EXCHANGE)
+            if f.is_dir != d.is_dir:
+                if f.is_dir:
+                    top.clear_opaque(spath)
+                    top.set_opaque(dpath)
+                else:
+                    top.clear_opaque(dpath)
+                    top.set_opaque(spath)
+            b.epoch += 1
+            a, c = pold.children.pop(n_old, None), pnew.children.pop(n_new, None)
+            if a is not None:
+                a.parent, a.name = pnew, n_new
+                pnew.children[n_new] = a
+            if c is not None:
+                c.parent, c.name = pold, n_old
+                pold.children[n_old] = c
+            return
+        if d is not None:
+            if f.is_dir and not d.is_dir:
+                raise _err(errno.ENOTDIR)
+            if not f.is_dir and d.is_dir:
+                raise _err(errno.EISDIR)
+            if d.dirs is not None and view.listdir(d.path, d.dirs):
+                raise _err(errno.ENOTEMPTY)
+            if not f.is_dir and os.path.samestat(f.st, d.st):
+                return  # two names of one file: POSIX says do nothing
+        rs = view.materialize(f) if f.is_dir else view.copy_up(f)
+        view.ensure_dir(parent_of(dpath))
+        if d is not None and d.is_dir:
+            top.drop_under(dpath)
+        top.remove_whiteout(dpath)
+        os.rename(rs, top.real(dpath))
+        if f.is_dir:
+            top.clear_opaque(spath)
+            top.set_opaque(dpath)
+        if view.lower_has(spath):
+            top.add_whiteout(spath)
+        top.dirty = True
+        b.epoch += 1
+        victim = pnew.children.get(n_new)
+        if victim is not None:
+            self._detach(victim)
+        moved = pold.children.pop(n_old, None)
+        if moved is not None:
+            moved.parent, moved.name = pnew, n_new
+            pnew.children[n_new] = moved
+
+    # -- files ------------------------------------------------------------------------------------
+
+    def _add_handle(self, fd: int, flags: int, node: Node, real: str) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = Handle(fd, flags, node, real)
+        node.handles.add(fh)
+        return fh
+
+    def _open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        b = self._branch(node)
+        f = self._found(node, b)
+        if f.is_dir:
+            raise _err(errno.EISDIR)
+        view = self._view(b)
+        write = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        if write and f.layer is not view.top:
+            view.copy_up(f, size=0 if flags & os.O_TRUNC else None)
+            b.epoch += 1
+        fd = os.open(f.real, (flags & ~_OPEN_DROP) | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fh = self._add_handle(fd, flags, node, f.real)
+        # Below the top layer a file never changes in place (a write copies it up, a merge
+        # gives the path a new inode, outside writes into the base are invalidated).
+        return pyfuse3.FileInfo(fh=fh, keep_cache=f.layer is not view.top)
+
+    def _handle(self, fh: int) -> Handle:
+        h = self.handles.get(fh)
+        if h is None:
+            raise _err(errno.EBADF)
+        return h
+
+    def _read(self, fh: int, off: int, size: int) -> bytes:
+        return os.pread(self._handle(fh).fd, size, off)
+
+    def _write(self, fh: int, off: int, buf: bytes) -> int:
+        return os.pwrite(self._handle(fh).fd, buf, off)
+
+    def _flush(self, fh: int) -> None:
+        self._handle(fh)
+
+    def _release(self, fh: int) -> None:
+        h = self.handles.pop(fh, None)
+        if h is None:
+            return
+        h.node.handles.discard(fh)
+        os.close(h.fd)
+        self._maybe_free(h.node)
+
+    def _fsync(self, fh: int, datasync: bool) -> None:
+        fd = self._handle(fh).fd
+        if datasync:
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
+
+    # -- directories --------------------------------------------------------------------------
+
+    def _opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if inode == ROOT:
+            dh = DirHandle(None)
+        else:
+            node, _b, _src = self._dir(inode)
+            dh = DirHandle(node)
+        fh = self._next_fh
+        self._next_fh += 1
+        self.dirs[fh] = dh
+        return fh
+
+    def _listing(self, dh: DirHandle) -> list[tuple[str, Found | None, int]]:
+        if dh.node is None:
+            return [(f"@{bid}", None, 0) for bid in sorted(self.store.branches)]
+        node = dh.node
+        b = self._branch(node)
+        src = self._sources(node, b)
+        return [(f.path.rpartition("/")[2], f, 0)
+                for f in self._view(b).listdir(node.path(), src)]
+
+    def _readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        dh = self.dirs.get(fh)
+        if dh is None:
+            raise _err(errno.EBADF)
+        if dh.entries is None or start_id == 0:
+            dh.entries = self._listing(dh)
+        for i in range(start_id, len(dh.entries)):
+            name, f, _ = dh.entries[i]
+            if f is None:  # a branch directory in the mount root
+                b = self.store.branches.get(int(name[1:]))
+                if b is None:
+                    continue
+                node = self._root_of(b)
+                st = self._view(b).root().st
+            else:
+                assert dh.node is not None
+                node = self._child(dh.node, f)
+                st = f.st
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(node.ino, st),
+                                         i + 1):
+                break
+            node.lookups += 1
+
+    def _releasedir(self, fh: int) -> None:
+        self.dirs.pop(fh, None)
+
+    def _fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None
+
+    def _statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        sv = os.statvfs(self.store.layers_dir)
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = sv.f_bsize
+        out.f_frsize = sv.f_frsize
+        out.f_blocks = sv.f_blocks
+        out.f_bfree = sv.f_bfree
+        out.f_bavail = sv.f_bavail
+        out.f_files = sv.f_files
+        out.f_ffree = sv.f_ffree
+        out.f_favail = sv.f_favail
+        out.f_namemax = sv.f_namemax
+        return out
+
+    # -- extended attributes ---------------------------------------------------------------------
+
+    def _xattr_target(self, inode: int, *, write: bool) -> str:
+        if inode == ROOT:
+            raise _err(errno.EPERM if write else pyfuse3.ENOATTR)
+        node = self._node(inode)
+        b = self._branch(node)
+        f = self._found(node, b)
+        if not write:
+            return f.real
+        view = self._view(b)
+        b.epoch += 1
+        view.top.dirty = True
+        return view.ensure_dir(f.path) if f.is_dir else view.copy_up(f)
+
+    def _getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode == ROOT:
+            raise _err(pyfuse3.ENOATTR)
+        return os.getxattr(self._xattr_target(inode, write=False), name, follow_symlinks=False)
+
+    def _listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        if inode == ROOT:
+            return []
+        real = self._xattr_target(inode, write=False)
+        return [os.fsencode(n) for n in os.listxattr(real, follow_symlinks=False)]
+
+    def _setxattr(self, inode: int, name: bytes, value: bytes,
+                 ctx: pyfuse3.RequestContext) -> None:
+        os.setxattr(self._xattr_target(inode, write=True), name, value, follow_symlinks=False)
+
+    def _removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        os.removexattr(self._xattr_target(inode, write=True), name, follow_symlinks=False)
+
+    # -- the pyfuse3 entry points: typed, and only FUSEError gets out ----------------------
+
+    async def lookup(self, parent_inode: int, name: bytes,
+               ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        with _errors('lookup'):
+            return self._lookup(parent_inode, name, ctx)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        with _errors('getattr'):
+            return self._getattr(inode, ctx)
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields,
+                fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        with _errors('setattr'):
+            return self._setattr(inode, attr, fields, fh, ctx)
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        with _errors('readlink'):
+            return self._readlink(inode, ctx)
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+              ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        with _errors('mknod'):
+            return self._mknod(parent_inode, name, mode, rdev, ctx)
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+              ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        with _errors('mkdir'):
+            return self._mkdir(parent_inode, name, mode, ctx)
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        with _errors('symlink'):
+            return self._symlink(parent_inode, name, target, ctx)
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+               ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        with _errors('create'):
+            return self._create(parent_inode, name, mode, flags, ctx)
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+             ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        with _errors('link'):
+            return self._link(inode, new_parent_inode, new_name, ctx)
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        with _errors('unlink'):
+            self._unlink(parent_inode, name, ctx)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        with _errors('rmdir'):
+            self._rmdir(parent_inode, name, ctx)
+
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+               name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        with _errors('rename'):
+            self._rename(parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx)
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        with _errors('open'):
+            return self._open(inode, flags, ctx)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        with _errors('read'):
+            return self._read(fh, off, size)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        with _errors('write'):
+            return self._write(fh, off, buf)
+
+    async def flush(self, fh: int) -> None:
+        with _errors('flush'):
+            self._flush(fh)
+
+    async def release(self, fh: int) -> None:
+        with _errors('release'):
+            self._release(fh)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        with _errors('fsync'):
+            self._fsync(fh, datasync)
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        with _errors('opendir'):
+            return self._opendir(inode, ctx)
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        with _errors('readdir'):
+            self._readdir(fh, start_id, token)
+
+    async def releasedir(self, fh: int) -> None:
+        with _errors('releasedir'):
+            self._releasedir(fh)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        with _errors('fsyncdir'):
+            self._fsyncdir(fh, datasync)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        with _errors('statfs'):
+            return self._statfs(ctx)
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        with _errors('getxattr'):
+            return self._getxattr(inode, name, ctx)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        with _errors('listxattr'):
+            return self._listxattr(inode, ctx)
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                 ctx: pyfuse3.RequestContext) -> None:
+        with _errors('setxattr'):
+            self._setxattr(inode, name, value, ctx)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        with _errors('removexattr'):
+            self._removexattr(inode, name, ctx)
+
+    # -- shutdown -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        for h in self.handles.values():
+            try:
+                os.close(h.fd)
+            except OSError:
+                pass
+        self.handles.clear()
+

@@ -1,0 +1,689 @@
+"""Copy-on-write layers: what a branch of the FUSE backend sees, and how it changes.
+
+A branch's *view* is a stack of layers over the live base directory, top
+first. Each layer is a sparse directory tree (``<layer>/tree``) plus two
+sets kept in memory and in an append-only log (``<layer>/meta.log``):
+
+- *whiteouts*: paths deleted in this layer; nothing below shows through;
+- *opaque* directories: made in this layer; nothing below them shows through.
+
+Only the top layer of a branch is ever written. A fork freezes the parent's
+top layer: parent and child each get a fresh empty top above it, so both
+see the parent exactly as at the fork (snapshot isolation) and the fork
+costs O(1), whatever the size of the workspace.
+
+Lookup walks a directory's *sources* (the layers where it exists as a
+directory, top first, down to an opaque one): the first layer holding the
+name wins, a whiteout hides it, and a directory merges with the directories
+of the same name below it. Invariants: a layer holding an entry or a
+whiteout at ``a/b`` holds the directory ``a``; the top layer never holds a
+whiteout where it holds an entry.
+
+Copy-up is per file (the whole file, with FICLONE where the filesystem has
+reflinks): writing one byte into a large file copies it once. A truncate to
+a smaller size copies only what is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import stat
+import time
+from collections.abc import Iterable, Iterator
+
+import attrs
+
+from ..._branch import EntryType
+from ..._manifest import RACY_MARGIN_NS, Entry, Manifest, hash_file
+
+__all__ = [
+    "DigestCache",
+    "Found",
+    "Layer",
+    "Source",
+    "View",
+    "ViewScan",
+    "delta_paths",
+    "scan_paths",
+    "copy_metadata",
+    "entry_of",
+    "join",
+    "parent_of",
+    "split",
+]
+
+_FICLONE = 0x40049409
+_AS_ROOT = os.geteuid() == 0
+_reflink = [True]  # cleared at the first filesystem that has no reflinks
+
+
+def join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+def parent_of(path: str) -> str:
+    return path.rpartition("/")[0]
+
+
+def split(path: str) -> tuple[str, str]:
+    head, _, tail = path.rpartition("/")
+    return head, tail
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root + "/")
+
+
+# -- layers ----------------------------------------------------------------------------------
+
+
+class Layer:
+    """One sparse tree plus its whiteouts and opaque directories (see the module docstring)."""
+
+    def __init__(self, lid: str, directory: str) -> None:
+        self.id = lid
+        self.dir = directory
+        self.tree = os.path.join(directory, "tree")
+        self.whiteouts: dict[str, set[str]] = {}  # directory path -> names deleted in it
+        self.opaque: set[str] = set()
+        self.dirty = False  # written since it was made (a clean top can be shared by a fork)
+        self._log_fd: int | None = None
+
+    def __repr__(self) -> str:
+        return f"<Layer {self.id}>"
+
+    # -- persistence ---------------------------------------------------------
+
+    @classmethod
+    def create(cls, lid: str, directory: str, root_like: os.stat_result | None) -> Layer:
+        """A new empty layer whose root directory copies ``root_like``'s metadata."""
+        os.makedirs(directory)
+        layer = cls(lid, directory)
+        os.mkdir(layer.tree, 0o700)
+        if root_like is not None:
+            copy_metadata(None, layer.tree, root_like)
+        return layer
+
+    @classmethod
+    def load(cls, lid: str, directory: str) -> Layer:
+        layer = cls(lid, directory)
+        if not os.path.isdir(layer.tree):
+            raise FileNotFoundError(errno.ENOENT, "layer tree missing", layer.tree)
+        layer.dirty = True  # unknown: never shared as if clean
+        try:
+            with open(os.path.join(directory, "meta.log"), "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return layer
+        for line in raw.splitlines():
+            try:
+                op, path = json.loads(line)
+            except ValueError:
+                continue  # a torn last line after a crash: the op before it stands
+            layer._apply(str(op), str(path))
+        return layer
+
+    def _apply(self, op: str, path: str) -> None:
+        d, n = split(path)
+        if op == "w":
+            self.whiteouts.setdefault(d, set()).add(n)
+        elif op == "W":
+            names = self.whiteouts.get(d)
+            if names is not None:
+                names.discard(n)
+                if not names:
+                    del self.whiteouts[d]
+        elif op == "o":
+            self.opaque.add(path)
+        elif op == "O":
+            self.opaque.discard(path)
+        elif op == "U":  # drop everything strictly below path
+            self._drop_under(path)
+
+    def _log(self, op: str, path: str) -> None:
+        self.dirty = True
+        self._apply(op, path)
+        if self._log_fd is None:
+            self._log_fd = os.open(os.path.join(self.dir, "meta.log"),
+                                   os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.write(self._log_fd, json.dumps([op, path]).encode() + b"\n")
+
+    def close(self) -> None:
+        if self._log_fd is not None:
+            os.close(self._log_fd)
+            self._log_fd = None
+
+    def compact(self) -> None:
+        """Rewrite the log as the current sets (done when the layer is frozen)."""
+        self.close()
+        lines = [json.dumps(["w", join(d, n)]) for d, names in self.whiteouts.items()
+                 for n in sorted(names)]
+        lines += [json.dumps(["o", p]) for p in sorted(self.opaque)]
+        log_path = os.path.join(self.dir, "meta.log")
+        if not lines:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(log_path)
+            return
+        tmp = log_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(tmp, log_path)
+
+    # -- whiteouts and opaque directories -------------------------------------
+
+    def is_whiteout(self, parent: str, name: str) -> bool:
+        names = self.whiteouts.get(parent)
+        return names is not None and name in names
+
+    def whiteouts_in(self, parent: str) -> set[str]:
+        return self.whiteouts.get(parent, set())
+
+    def add_whiteout(self, path: str) -> None:
+        self._log("w", path)
+
+    def remove_whiteout(self, path: str) -> None:
+        if self.is_whiteout(*split(path)):
+            self._log("W", path)
+
+    def set_opaque(self, path: str) -> None:
+        if path not in self.opaque:
+            self._log("o", path)
+
+    def clear_opaque(self, path: str) -> None:
+        if path in self.opaque:
+            self._log("O", path)
+
+    def drop_under(self, path: str) -> None:
+        """Forget whiteouts and opaque marks strictly below ``path``."""
+        prefix = path + "/" if path else ""
+        if any(d == path or d.startswith(prefix) for d in self.whiteouts) or any(
+            p.startswith(prefix) for p in self.opaque
+        ):
+            self._log("U", path)
+
+    def _drop_under(self, path: str) -> None:
+        prefix = path + "/" if path else ""
+        for d in [d for d in self.whiteouts if d == path or d.startswith(prefix)]:
+            del self.whiteouts[d]
+        self.opaque = {p for p in self.opaque if not p.startswith(prefix) or p == path}
+
+    def real(self, path: str) -> str:
+        return os.path.join(self.tree, path) if path else self.tree
+
+
+# -- views -----------------------------------------------------------------------------------
+
+#: Where a directory exists: (layer, its real path); layer None is the base.
+Source = tuple[Layer | None, str]
+
+
+@attrs.define
+class Found:
+    """A visible entry of a view: the topmost layer holding it, and its stat."""
+
+    path: str
+    layer: Layer | None
+    real: str
+    st: os.stat_result
+    dirs: list[Source] | None  # for a directory: its sources (merged, top first)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.dirs is not None
+
+
+def _lstat(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+class View:
+    """A branch's stack of layers (top first) over the base directory ``base``."""
+
+    def __init__(self, layers: list[Layer], base: str) -> None:
+        self.layers = layers
+        self.base = base
+
+    @property
+    def top(self) -> Layer:
+        return self.layers[0]
+
+    def lower(self) -> View:
+        """The same view without its top layer."""
+        return View(self.layers[1:], self.base)
+
+    def root_sources(self) -> list[Source]:
+        out: list[Source] = [(layer, layer.tree) for layer in self.layers]
+        out.append((None, self.base))
+        return out
+
+    def root(self) -> Found:
+        src = self.root_sources()
+        layer, real = src[0]
+        return Found("", layer, real, os.lstat(real), src)
+
+    def lookup(self, parent: str, sources: list[Source], name: str) -> Found | None:
+        """The entry ``name`` in directory ``parent`` whose sources are ``sources``."""
+        path = join(parent, name)
+        found: Found | None = None
+        for layer, realdir in sources:
+            if layer is not None and layer.is_whiteout(parent, name):
+                break
+            real = os.path.join(realdir, name)
+            st = _lstat(real)
+            if st is None:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if found is None:
+                    found = Found(path, layer, real, st, [])
+                elif found.dirs is None:
+                    break
+                assert found.dirs is not None
+                found.dirs.append((layer, real))
+                if layer is not None and path in layer.opaque:
+                    break
+            else:
+                if found is None:
+                    found = Found(path, layer, real, st, None)
+                break
+        return found
+
+    def resolve(self, path: str) -> Found | None:
+        """The entry at ``path`` (``""``: the root), or None."""
+        cur = self.root()
+        if not path:
+            return cur
+        for name in path.split("/"):
+            if cur.dirs is None:
+                return None
+            nxt = self.lookup(cur.path, cur.dirs, name)
+            if nxt is None:
+                return None
+            cur = nxt
+        return cur
+
+    def names(self, path: str, sources: list[Source]) -> list[str]:
+        """Candidate names in a directory (``lookup`` decides which are visible)."""
+        seen: dict[str, None] = {}
+        for _layer, realdir in sources:
+            try:
+                entries = os.listdir(realdir)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for n in entries:
+                seen.setdefault(n, None)
+        return list(seen)
+
+    def listdir(self, path: str, sources: list[Source]) -> list[Found]:
+        """The visible entries of a directory, sorted by name."""
+        out = []
+        for n in sorted(self.names(path, sources)):
+            f = self.lookup(path, sources, n)
+            if f is not None:
+                out.append(f)
+        return out
+
+    def walk(self) -> Iterator[Found]:
+        """Every visible entry below the root (parents before children)."""
+        stack = [self.root()]
+        while stack:
+            d = stack.pop()
+            assert d.dirs is not None
+            for f in self.listdir(d.path, d.dirs):
+                yield f
+                if f.dirs is not None:
+                    stack.append(f)
+
+    # -- writing into the top layer -----------------------------------------------------
+
+    def ensure_dir(self, path: str) -> str:
+        """The top layer's copy of visible directory ``path``, made (copied up) if needed."""
+        top = self.top
+        real = top.real(path)
+        if not path:
+            return real
+        st = _lstat(real)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            return real
+        found = self.resolve(path)
+        if found is None or not found.is_dir:
+            raise FileNotFoundError(errno.ENOENT, "no such directory in the branch", path)
+        self.ensure_dir(parent_of(path))
+        os.mkdir(real, 0o700)
+        copy_metadata(found.real, real, found.st)
+        top.dirty = True
+        return real
+
+    def copy_up(self, found: Found, *, size: int | None = None) -> str:
+        """Make the top layer hold non-directory ``found``; return its real path there.
+
+        ``size`` (files): keep only that many bytes (``0``: copy no data at all).
+        """
+        top = self.top
+        if found.layer is top:
+            return found.real
+        self.ensure_dir(parent_of(found.path))
+        dst = top.real(found.path)
+        st = found.st
+        if stat.S_ISREG(st.st_mode):
+            copy_data(found.real, dst, size)
+        elif stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(found.real), dst)
+        elif stat.S_ISFIFO(st.st_mode):
+            os.mkfifo(dst, 0o600)
+        else:
+            os.mknod(dst, st.st_mode, st.st_rdev)
+        copy_metadata(found.real, dst, st, keep_mtime=size is None)
+        top.dirty = True
+        found.layer, found.real = top, dst
+        found.st = os.lstat(dst)
+        return dst
+
+    def lower_has(self, path: str) -> bool:
+        """Whether the layers below the top (or the base) show something at ``path``."""
+        return self.lower().resolve(path) is not None
+
+    def remove(self, found: Found) -> None:
+        """Delete visible ``found`` (a directory with everything below it) from the view."""
+        top = self.top
+        path = found.path
+        if found.layer is top:  # (a directory copied up is found in the top layer first)
+            if found.is_dir:
+                rmtree(found.real)
+            else:
+                os.unlink(found.real)
+        if found.is_dir:
+            top.drop_under(path)
+            top.clear_opaque(path)
+        top.dirty = True
+        if self.lower_has(path):
+            self.ensure_dir(parent_of(path))  # a whiteout lives in a directory of its layer
+            top.add_whiteout(path)
+
+    def prepare_new(self, path: str) -> str:
+        """Get the top layer ready for a new entry at ``path`` (not visible now)."""
+        self.ensure_dir(parent_of(path))
+        self.top.remove_whiteout(path)
+        self.top.dirty = True
+        return self.top.real(path)
+
+    def materialize(self, found: Found) -> str:
+        """Make directory ``found`` and all below it live in the top layer, marked opaque."""
+        top = self.top
+        assert found.dirs is not None
+        if not (len(found.dirs) == 1 and found.dirs[0][0] is top):
+            real = self.ensure_dir(found.path)
+            for child in self.listdir(found.path, found.dirs):
+                if child.is_dir:
+                    self.materialize(child)
+                elif child.layer is not top:
+                    self.copy_up(child)
+            found.dirs = [(top, real)]
+            found.layer, found.real = top, real
+        top.drop_under(found.path)
+        top.set_opaque(found.path)
+        return found.real
+
+
+# -- file helpers ------------------------------------------------------------------------------
+
+
+def copy_data(src: str, dst: str, size: int | None) -> None:
+    """Copy a regular file's bytes into new file ``dst`` (reflink when possible)."""
+    sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            if size == 0:
+                return
+            if size is None and _reflink[0]:
+                try:
+                    fcntl.ioctl(dfd, _FICLONE, sfd)
+                except OSError as exc:
+                    if exc.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
+                        _reflink[0] = False
+                else:
+                    return
+            total = os.fstat(sfd).st_size
+            want = total if size is None else min(size, total)
+            done = 0
+            while done < want:
+                try:
+                    n = os.copy_file_range(sfd, dfd, want - done, done, done)
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP,
+                                         errno.EINVAL):
+                        raise
+                    n = _copy_slow(sfd, dfd, done, want - done)
+                if n == 0:
+                    break
+                done += n
+            if size is not None and size > done:
+                os.ftruncate(dfd, size)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+
+
+def _copy_slow(sfd: int, dfd: int, off: int, count: int) -> int:
+    data = os.pread(sfd, min(count, 1 << 20), off)
+    view = memoryview(data)
+    pos = off
+    while view:
+        n = os.pwrite(dfd, view, pos)
+        view, pos = view[n:], pos + n
+    return len(data)
+
+
+def copy_metadata(src: str | None, dst: str, st: os.stat_result, *,
+                  keep_mtime: bool = True) -> None:
+    """Give ``dst`` the xattrs (from ``src``), owner, mode and times of ``st``."""
+    if src is not None:
+        try:
+            names = os.listxattr(src, follow_symlinks=False)
+        except OSError:
+            names = []
+        for n in names:
+            with contextlib.suppress(OSError):
+                os.setxattr(dst, n, os.getxattr(src, n, follow_symlinks=False),
+                            follow_symlinks=False)
+    if _AS_ROOT:
+        with contextlib.suppress(OSError):
+            os.lchown(dst, st.st_uid, st.st_gid)
+    if not stat.S_ISLNK(st.st_mode):
+        os.chmod(dst, stat.S_IMODE(st.st_mode))
+    if keep_mtime:
+        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def rmtree(path: str) -> None:
+    """Remove a tree, also below directories without write permission."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        for dirpath, _dirs, _files in os.walk(path):
+            with contextlib.suppress(OSError):
+                os.chmod(dirpath, 0o700)
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+# -- manifests of views -------------------------------------------------------------------------
+
+
+class DigestCache:
+    """Content digests by real path, trusted while (ino, size, mtime, ctime) hold.
+
+    A digest is reused only when the file's ctime is older than the moment it
+    was computed minus a margin (the "racy git" rule of :mod:`.._manifest`).
+    """
+
+    def __init__(self) -> None:
+        self._d: dict[str, tuple[tuple[int, int, int, int], str, int]] = {}
+
+    def digest(self, real: str, st: os.stat_result) -> str:
+        key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        hit = self._d.get(real)
+        if hit is not None and hit[0] == key and key[3] < hit[2] - RACY_MARGIN_NS:
+            return hit[1]
+        started = time.time_ns()
+        digest = hash_file(real)
+        self._d[real] = (key, digest, started)
+        if len(self._d) > 1_000_000:
+            self._d.clear()
+        return digest
+
+    def forget_under(self, directory: str) -> None:
+        prefix = directory.rstrip("/") + "/"
+        for k in [k for k in self._d if k.startswith(prefix)]:
+            del self._d[k]
+
+
+def entry_of(f: Found, cache: DigestCache) -> Entry | None:
+    """The manifest entry of ``f`` (as :func:`.._manifest.scan` would make it)."""
+    st = f.st
+    mode = st.st_mode
+    perm = stat.S_IMODE(mode)
+    if stat.S_ISREG(mode):
+        return Entry(EntryType.FILE, perm, st.st_mtime_ns, st.st_size,
+                     cache.digest(f.real, st), uid=st.st_uid, gid=st.st_gid)
+    if stat.S_ISDIR(mode):
+        return Entry(EntryType.DIR, perm, uid=st.st_uid, gid=st.st_gid)
+    if stat.S_ISLNK(mode):
+        return Entry(EntryType.SYMLINK, 0o777, target=os.readlink(f.real),
+                     uid=st.st_uid, gid=st.st_gid)
+    if stat.S_ISFIFO(mode):
+        return Entry(EntryType.FIFO, perm, uid=st.st_uid, gid=st.st_gid)
+    return None
+
+
+@attrs.define
+class ViewScan:
+    """A view's manifest, the real path of each non-directory, and which entries its
+    layers hold (the others show through from the base)."""
+
+    manifest: Manifest
+    reals: dict[str, str]
+    owned: set[str]
+
+
+def scan_view(view: View, cache: DigestCache) -> ViewScan:
+    """Walk a view (see :class:`ViewScan`)."""
+    out: Manifest = {}
+    reals: dict[str, str] = {}
+    owned: set[str] = set()
+    for f in view.walk():
+        try:
+            e = entry_of(f, cache)
+        except FileNotFoundError:
+            continue
+        if e is None:
+            continue
+        out[f.path] = e
+        if e.type is not EntryType.DIR:
+            reals[f.path] = f.real
+        if f.layer is not None:
+            owned.add(f.path)
+    return ViewScan(out, reals, owned)
+
+
+def _walk_layer(tree: str) -> Iterator[tuple[str, bool]]:
+    """(path, is a real directory) for every entry of a layer's tree."""
+    stack = [(tree, "")]
+    while stack:
+        real, rel = stack.pop()
+        try:
+            it = os.scandir(real)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        with it:
+            for de in it:
+                p = join(rel, de.name)
+                is_dir = de.is_dir(follow_symlinks=False)
+                yield p, is_dir
+                if is_dir:
+                    stack.append((de.path, p))
+
+
+def descendants(view: View, path: str) -> Iterator[str]:
+    """Every path strictly below directory ``path`` of ``view`` (none if not a directory)."""
+    f = view.resolve(path)
+    if f is None or f.dirs is None:
+        return
+    stack = [f]
+    while stack:
+        d = stack.pop()
+        assert d.dirs is not None
+        for c in view.listdir(d.path, d.dirs):
+            yield c.path
+            if c.dirs is not None:
+                stack.append(c)
+
+
+def delta_paths(layers: list[Layer], below: View) -> set[str]:
+    """Every path where ``layers`` stacked on ``below`` may differ from ``below`` alone.
+
+    That is what the layers hold, what they delete (whiteouts), and what a
+    deletion, an opaque directory or a non-directory hides in ``below``. The
+    cost grows with the layers' contents, not with the workspace.
+    """
+    out: set[str] = set()
+    hides: set[str] = set()
+    for layer in layers:
+        for p, is_dir in _walk_layer(layer.tree):
+            out.add(p)
+            if not is_dir:
+                hides.add(p)
+        for d, names in list(layer.whiteouts.items()):
+            for n in list(names):
+                p = join(d, n)
+                out.add(p)
+                hides.add(p)
+        hides.update(layer.opaque)
+    for p in hides:
+        out.update(descendants(below, p))
+    return out
+
+
+def scan_paths(view: View, paths: Iterable[str], cache: DigestCache) -> ViewScan:
+    """Like :func:`scan_view`, for ``paths`` only (those not visible are left out)."""
+    out: Manifest = {}
+    reals: dict[str, str] = {}
+    owned: set[str] = set()
+    dirs: dict[str, Found | None] = {"": view.root()}
+
+    def resolve(p: str) -> Found | None:
+        if p in dirs:
+            return dirs[p]
+        head, _, name = p.rpartition("/")
+        parent = resolve(head)
+        f = None
+        if parent is not None and parent.dirs is not None:
+            f = view.lookup(head, parent.dirs, name)
+        if f is None or f.dirs is not None:
+            dirs[p] = f
+        return f
+
+    for p in sorted(paths):
+        f = resolve(p)
+        if f is None:
+            continue
+        try:
+            e = entry_of(f, cache)
+        except FileNotFoundError:
+            continue
+        if e is None:
+            continue
+        out[p] = e
+        if e.type is not EntryType.DIR:
+            reals[p] = f.real
+        if f.layer is not None:
+            owned.add(p)
+    return ViewScan(out, reals, owned)

@@ -1,0 +1,191 @@
+"""The filesystem process: ``python -m branchagent._backends.fuse._server``.
+
+Started by :class:`FuseBackend` with one end of a Unix socket pair as
+``--fd``. It mounts ``<state>/fuse/mnt``, serves it with pyfuse3 under trio
+(one OS thread), answers control requests on the socket (see ._protocol),
+and unmounts and exits when any of these happens: a ``shutdown`` request,
+the socket closing (the agent died: the kernel closed its end), its parent
+process changing (same reason, seen another way), SIGTERM/SIGINT/SIGHUP, or
+an outside ``fusermount3 -u``. It never leaves a dead mount behind unless it
+is killed with SIGKILL; the next open then finds and clears that mount.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+import pyfuse3
+import trio
+
+from ..._manifest import Manifest
+from ._fs import BranchFS
+from ._protocol import change_to_json, encode, error_to_json
+from ._store import Store, write_gen
+
+log = logging.getLogger("branchagent.fuse")
+
+
+def _dispatch(store: Store, req: dict[str, Any]) -> object:
+    op = req.get("op")
+    if op == "create":
+        return store.create(str(req["name"]), req.get("parent"))
+    if op == "commit":
+        return [change_to_json(c) for c in store.commit(str(req["name"]), req.get("parent"))]
+    if op == "abort":
+        store.abort(str(req["name"]))
+        return None
+    if op == "changes":
+        return [change_to_json(c) for c in store.changes(str(req["name"]), req.get("parent"))]
+    if op == "old_content":
+        data = store.old_content(str(req["name"]), req.get("parent"), str(req["path"]))
+        return None if data is None else base64.b64encode(data).decode()
+    if op == "list":
+        return dict(store.by_name)
+    if op == "ping":
+        return "pong"
+    raise ValueError(f"unknown request {op!r}")
+
+
+async def _control(stream: trio.SocketStream, store: Store, fs: BranchFS) -> None:
+    """Answer requests until the agent says shutdown or goes away."""
+    buf = b""
+    while True:
+        try:
+            data = await stream.receive_some(1 << 16)
+        except trio.BrokenResourceError:
+            data = b""
+        if not data:
+            log.info("control socket closed: the agent is gone")
+            return
+        buf += data
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            try:
+                req = json.loads(line)
+                rid = req.get("id")
+            except ValueError as exc:
+                await stream.send_all(encode({"id": None, "err": error_to_json(exc)}))
+                continue
+            if req.get("op") == "shutdown":
+                await stream.send_all(encode({"id": rid, "ok": None}))
+                return
+            try:
+                result = _dispatch(store, req)
+            except Exception as exc:
+                if not isinstance(exc, (OSError, LookupError, ValueError)) and not type(
+                    exc
+                ).__module__.startswith("branchagent"):
+                    log.exception("control request %r failed", req.get("op"))
+                reply = {"id": rid, "err": error_to_json(exc)}
+            else:
+                reply = {"id": rid, "ok": result}
+            await fs.flush_invalidations()  # the kernel forgot what changed before we answer
+            try:
+                await stream.send_all(encode(reply))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            jobs = store.take_unsaved()  # base manifests: written after answering
+            if jobs:
+                await trio.to_thread.run_sync(_write_gens, jobs)
+
+
+def _write_gens(jobs: list[tuple[str, Manifest]]) -> None:
+    for path, manifest in jobs:
+        write_gen(path, manifest)
+
+
+async def _watch_parent(ppid: int, scope: trio.CancelScope) -> None:
+    """Backup for the socket: a forked child of the agent may hold its end open."""
+    while os.getppid() == ppid:  # noqa: ASYNC110 - polling the kernel: no event to wait on
+        await trio.sleep(0.5)
+    log.info("parent %d is gone", ppid)
+    scope.cancel()
+
+
+async def _signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as it:
+        async for signum in it:
+            log.info("signal %d: unmounting", signum)
+            scope.cancel()
+            return
+
+
+async def _watch_base(store: Store, fs: BranchFS) -> None:
+    """Invalidate what outside writes into the base change in top-level branches."""
+    while not store.watch.broken:
+        await trio.lowlevel.wait_readable(store.watch.fd)
+        store.watch.read()
+        await fs.flush_invalidations()
+
+
+async def _serve_fuse(scope: trio.CancelScope) -> None:
+    await pyfuse3.main()
+    log.info("unmounted from outside")
+    scope.cancel()
+
+
+async def serve(root: str, state: str, fd: int, ppid: int) -> None:
+    store = Store(root, state)
+    lock_fd = os.open(os.path.join(store.dir, "server.lock"),
+                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)
+    sock = socket.socket(fileno=fd)
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    lost = store.load()
+    fs = BranchFS(store)
+    mnt = os.path.join(store.dir, "mnt")
+    options = set(pyfuse3.default_options) | {"fsname=branchagent", "subtype=branchagent"}
+    if os.geteuid() == 0:
+        options.add("allow_other")
+    pyfuse3.init(fs, mnt, options)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_serve_fuse, nursery.cancel_scope)
+            nursery.start_soon(_watch_parent, ppid, nursery.cancel_scope)
+            nursery.start_soon(_signals, nursery.cancel_scope)
+            await trio.lowlevel.checkpoint()
+            await stream.send_all(encode({"ready": True, "branches": dict(store.by_name),
+                                          "lost": lost, "pid": os.getpid()}))
+            jobs = store.take_unsaved()  # the base manifest of this open, off the fork path
+            if jobs:
+                await trio.to_thread.run_sync(_write_gens, jobs)
+            if not store.watch.broken:
+                nursery.start_soon(_watch_base, store, fs)
+            await _control(stream, store, fs)
+            nursery.cancel_scope.cancel()
+    finally:
+        for path, manifest in store.take_unsaved():
+            write_gen(path, manifest)
+        store.watch.close()
+        pyfuse3.close(unmount=True)
+        fs.close()
+        store.close()
+        sock.close()
+        os.close(lock_fd)
+        log.info("unmounted %s", mnt)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="branchagent-fuse")
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--state", required=True)
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--parent", type=int, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s fuse[%(process)d] %(levelname)s %(message)s")
+    os.umask(0)
+    trio.run(serve, args.root, args.state, args.fd, args.parent)
+
+
+if __name__ == "__main__":
+    main()

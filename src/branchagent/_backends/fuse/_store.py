@@ -1,0 +1,599 @@
+"""The FUSE server's branch store: branches as layer stacks, forks, commits, aborts.
+
+Runs inside the filesystem process (see :mod:`._server`); everything here is
+synchronous and runs on its one thread, so a request handler never sees a
+half-made change.
+
+Layout under ``<state>/fuse``::
+
+    layers/<lid>/tree, meta.log     one copy-on-write layer (see ._layers)
+    branches/<id>/meta.json         a branch: name, parent, layer stack, snapshot
+    base/<gen>.json                 the base's manifest at open / after a commit
+    mnt/                            the mount point: one ``@<id>`` directory per branch
+
+Snapshots. A nested branch forked from P sees P's layers as they were at the
+fork (frozen; P writes into a new top layer), so P at the fork is the view of
+the branch's bottom ``nsnap`` layers. A top-level branch layers over the live
+base (DESIGN.md allows it): its snapshot is the base manifest of the generation
+current at the fork. Every open top-level branch was forked after the last
+commit into the base (that commit invalidated the others), so that manifest is
+the base at the fork, up to writes made into the base from outside, which are
+then seen as parent changes, as DESIGN.md says.
+
+Commits. Conflicts and the paths to write come from :mod:`.._manifest`
+(``find_conflicts``, ``merge_paths``) over manifests of the views. A commit into
+the base is a journaled apply (:func:`.._journal.apply`) whose sources are the
+branch's layer files, so data moves by rename. A nested commit moves the
+branch's files into the parent's top layer by rename; it is not journaled: a
+crash of the filesystem process in its middle can leave the parent branch
+(never the base) half-merged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+
+import attrs
+
+from ... import _journal
+from ..._branch import Change, ChangeKind, EntryType
+from ..._manifest import (
+    Entry,
+    HashCache,
+    Manifest,
+    changed_paths,
+    find_conflicts,
+    hash_file,
+    merge_paths,
+    scan,
+    to_changes,
+)
+from ...exceptions import BranchExists, BranchNotFound, ConflictError
+from ._layers import (
+    DigestCache,
+    Found,
+    Layer,
+    View,
+    ViewScan,
+    copy_data,
+    copy_metadata,
+    delta_paths,
+    parent_of,
+    rmtree,
+    scan_paths,
+)
+from ._watch import BaseWatch
+
+__all__ = ["BranchRec", "Hooks", "Store"]
+
+_AS_ROOT = os.geteuid() == 0
+
+
+@attrs.define(eq=False)
+class BranchRec:
+    """One branch: its layer stack (top first) and where its snapshot starts."""
+
+    id: int
+    name: str
+    parent: int | None
+    layers: list[Layer]
+    nsnap: int  # the bottom nsnap layers (plus the base) are the parent at the fork
+    gen: int | None  # top-level branches: the base generation at the fork
+    epoch: int = 0  # bumped on every change of the namespace (the FS caches by it)
+
+    def own_layers(self) -> list[Layer]:
+        return self.layers[: len(self.layers) - self.nsnap]
+
+    def snapshot_layers(self) -> list[Layer]:
+        return self.layers[len(self.layers) - self.nsnap:]
+
+    def to_json(self) -> dict[str, object]:
+        return {"id": self.id, "name": self.name, "parent": self.parent,
+                "layers": [layer.id for layer in self.layers], "nsnap": self.nsnap,
+                "gen": self.gen}
+
+
+class Hooks(Protocol):
+    """What the filesystem layer must hear about (caches, open files, inodes)."""
+
+    def froze(self, b: BranchRec, old_top: Layer) -> None: ...
+
+    def merged(self, b: BranchRec, paths: Iterable[str]) -> None: ...
+
+    def gone(self, bid: int) -> None: ...
+
+
+class _NoHooks:
+    def froze(self, b: BranchRec, old_top: Layer) -> None:
+        pass
+
+    def merged(self, b: BranchRec, paths: Iterable[str]) -> None:
+        pass
+
+    def gone(self, bid: int) -> None:
+        pass
+
+
+def _write_json(path: str, data: object) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def write_gen(path: str, manifest: Manifest) -> None:
+    _write_json(path, {p: e.to_json() for p, e in manifest.items()})
+
+
+def _depth_key(path: str) -> tuple[str, ...]:
+    return tuple(path.split("/"))
+
+
+class Store:
+    """Every branch of one workspace (see the module docstring)."""
+
+    def __init__(self, root: str, state: str) -> None:
+        self.root = root
+        self.state = state
+        self.dir = os.path.join(state, "fuse")
+        self.layers_dir = os.path.join(self.dir, "layers")
+        self.branches_dir = os.path.join(self.dir, "branches")
+        self.base_dir = os.path.join(self.dir, "base")
+        self.journal = os.path.join(state, "journal")
+        self.branches: dict[int, BranchRec] = {}
+        self.by_name: dict[str, int] = {}
+        self.layers: dict[str, Layer] = {}
+        self.gens: dict[int, Manifest] = {}
+        self.gen = 0
+        self.base_cache: HashCache | None = None
+        self.digests = DigestCache()
+        self.next_id = 1
+        self.unsaved: set[int] = set()
+        self.hooks: Hooks = _NoHooks()
+        self.watch = BaseWatch(root)
+
+    # -- loading ----------------------------------------------------------------------------
+
+    def load(self) -> list[str]:
+        """Read surviving branches, scan the base, drop what nothing references.
+
+        Returns the names of branches whose storage was found broken (dropped).
+        """
+        for d in (self.layers_dir, self.branches_dir, self.base_dir):
+            os.makedirs(d, exist_ok=True)
+        lost: list[str] = []
+        metas = []
+        for entry in sorted(os.listdir(self.branches_dir)):
+            meta = os.path.join(self.branches_dir, entry, "meta.json")
+            try:
+                with open(meta) as f:
+                    metas.append(json.load(f))
+            except (OSError, ValueError):
+                rmtree(os.path.join(self.branches_dir, entry))
+        gens_on_disk = self._gens_on_disk()
+        for m in metas:
+            try:
+                rec = self._load_branch(m)
+            except (OSError, ValueError, KeyError, TypeError):
+                lost.append(str(m.get("name", "?")))
+                with contextlib.suppress(OSError):
+                    rmtree(os.path.join(self.branches_dir, str(m.get("id"))))
+                continue
+            if rec.gen is not None and rec.gen not in self.gens:
+                try:
+                    self.gens[rec.gen] = self._read_gen(rec.gen)
+                except (OSError, ValueError, KeyError, TypeError):
+                    lost.append(rec.name)
+                    rmtree(os.path.join(self.branches_dir, str(rec.id)))
+                    continue
+            self.branches[rec.id] = rec
+            self.by_name[rec.name] = rec.id
+            self.next_id = max(self.next_id, rec.id + 1)
+        self.gen = max([0, *gens_on_disk])
+        self._new_gen(self._scan_base())
+        self.gc()
+        return lost
+
+    def _load_branch(self, m: dict[str, object]) -> BranchRec:
+        layers = []
+        for lid in m["layers"]:  # type: ignore[attr-defined]
+            layer = self.layers.get(lid)
+            if layer is None:
+                layer = Layer.load(lid, os.path.join(self.layers_dir, lid))
+                self.layers[lid] = layer
+            layers.append(layer)
+        if not layers:
+            raise ValueError("a branch without layers")
+        gen = m.get("gen")
+        parent = m.get("parent")
+        return BranchRec(id=int(m["id"]), name=str(m["name"]),  # type: ignore[call-overload]
+                         parent=None if parent is None else int(parent),  # type: ignore[call-overload]
+                         layers=layers, nsnap=int(m["nsnap"]),  # type: ignore[call-overload]
+                         gen=None if gen is None else int(gen))  # type: ignore[call-overload]
+
+    def _gens_on_disk(self) -> list[int]:
+        out = []
+        for n in os.listdir(self.base_dir):
+            stem, _, ext = n.partition(".")
+            if ext == "json" and stem.isdigit():
+                out.append(int(stem))
+        return out
+
+    def _read_gen(self, gen: int) -> Manifest:
+        with open(os.path.join(self.base_dir, f"{gen}.json")) as f:
+            raw = json.load(f)
+        return {p: Entry.from_json(e) for p, e in raw.items()}
+
+    def _new_gen(self, manifest: Manifest) -> None:
+        """Make ``manifest`` the current base generation; it is written to disk later
+        (:meth:`take_unsaved`), or now when a branch needs it first."""
+        self.gen += 1
+        self.gens[self.gen] = manifest
+        self.unsaved.add(self.gen)
+
+    def _gen_path(self, gen: int) -> str:
+        return os.path.join(self.base_dir, f"{gen}.json")
+
+    def _save_gen(self, gen: int) -> None:
+        if gen in self.unsaved:
+            write_gen(self._gen_path(gen), self.gens[gen])
+            self.unsaved.discard(gen)
+
+    def take_unsaved(self) -> list[tuple[str, Manifest]]:
+        """Generations to write (in a worker thread: they are never changed once made)."""
+        jobs = [(self._gen_path(g), self.gens[g]) for g in sorted(self.unsaved)
+                if g in self.gens]
+        self.unsaved.clear()
+        return jobs
+
+    def _scan_base(self) -> Manifest:
+        self.watch.take_dirty()  # what happens from now on is seen by the next check
+        manifest, self.base_cache = scan(Path(self.root), self.base_cache)
+        self.watch.watch(p for p, e in manifest.items() if e.type is EntryType.DIR)
+        return manifest
+
+    def _refresh_base(self) -> None:
+        """Rescan the base if anything wrote into it since the last scan (outside writes)."""
+        if self.watch.take_dirty():
+            self._new_gen(self._scan_base())
+            used = {b.gen for b in self.branches.values()} | {self.gen}
+            for g in [g for g in self.gens if g not in used]:
+                del self.gens[g]
+                self.unsaved.discard(g)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.base_dir, f"{g}.json"))
+
+    def gc(self) -> None:
+        """Remove layers and base generations no branch references."""
+        used = {layer.id for b in self.branches.values() for layer in b.layers}
+        for lid in [lid for lid in self.layers if lid not in used]:
+            layer = self.layers.pop(lid)
+            layer.close()
+            self.digests.forget_under(layer.dir)
+            with contextlib.suppress(OSError):
+                rmtree(layer.dir)
+        for n in os.listdir(self.layers_dir):
+            if n not in used and n not in self.layers:
+                with contextlib.suppress(OSError):
+                    rmtree(os.path.join(self.layers_dir, n))
+        gens = {b.gen for b in self.branches.values() if b.gen is not None} | {self.gen}
+        for g in [g for g in self.gens if g not in gens]:
+            del self.gens[g]
+            self.unsaved.discard(g)
+        for g in self._gens_on_disk():
+            if g not in gens:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.base_dir, f"{g}.json"))
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def get(self, name: str) -> BranchRec:
+        bid = self.by_name.get(name)
+        if bid is None:
+            raise BranchNotFound(f"the FUSE server has no branch named {name!r}")
+        return self.branches[bid]
+
+    def _check_parent(self, b: BranchRec, parent: str | None) -> BranchRec | None:
+        if parent is None:
+            if b.parent is not None:
+                raise BranchNotFound(f"branch {b.name!r} is not a top-level branch")
+            return None
+        p = self.get(parent)
+        if b.parent != p.id:
+            raise BranchNotFound(f"branch {b.name!r} is not a child of {parent!r}")
+        return p
+
+    def view(self, b: BranchRec) -> View:
+        return View(b.layers, self.root)
+
+    def _new_layer(self, root_like: os.stat_result | None) -> Layer:
+        lid = uuid.uuid4().hex[:16]
+        layer = Layer.create(lid, os.path.join(self.layers_dir, lid), root_like)
+        self.layers[lid] = layer
+        return layer
+
+    def _save(self, b: BranchRec) -> None:
+        d = os.path.join(self.branches_dir, str(b.id))
+        os.makedirs(d, exist_ok=True)
+        _write_json(os.path.join(d, "meta.json"), b.to_json())
+
+    # -- operations ----------------------------------------------------------------------------
+
+    def create(self, name: str, parent: str | None) -> int:
+        """A new branch seeing ``parent`` (the base for None) as it is now. O(1)."""
+        if name in self.by_name:
+            raise BranchExists(f"a branch named {name!r} already exists")
+        bid = self.next_id
+        self.next_id += 1
+        if parent is None:
+            self._refresh_base()
+            top = self._new_layer(os.stat(self.root))
+            rec = BranchRec(bid, name, None, [top], nsnap=0, gen=self.gen)
+            self._save_gen(self.gen)  # before the branch that needs it is on disk
+        else:
+            p = self.get(parent)
+            old_top = p.layers[0]
+            root_like = os.lstat(old_top.tree)
+            if old_top.dirty:
+                # Freeze the parent's top: from now on it is shared and never written.
+                new_top = self._new_layer(root_like)
+                old_top.close()
+                old_top.compact()
+                p.layers = [new_top, *p.layers]
+                p.epoch += 1
+                self._save(p)  # before the child exists: a crash leaves no half-shared top
+                self.hooks.froze(p, old_top)
+                below = p.layers[1:]
+            else:
+                below = p.layers[1:]  # the parent's top is empty: nothing to freeze
+            top = self._new_layer(root_like)
+            rec = BranchRec(bid, name, p.id, [top, *below], nsnap=len(below), gen=None)
+        self._save(rec)
+        self.branches[bid] = rec
+        self.by_name[name] = bid
+        return bid
+
+    def _delta(self, b: BranchRec) -> tuple[set[str], View]:
+        """The paths ``b`` may have changed since its fork, and the view it forked from."""
+        below = View(b.snapshot_layers(), self.root)
+        return delta_paths(b.own_layers(), below), below
+
+    def _snapshot_at(self, b: BranchRec, below: View, paths: set[str]) -> Manifest:
+        if b.parent is None:
+            assert b.gen is not None
+            gen = self.gens[b.gen]
+            return {q: gen[q] for q in paths if q in gen}
+        return scan_paths(below, paths, self.digests).manifest
+
+    def changes(self, name: str, parent: str | None) -> list[Change]:
+        b = self.get(name)
+        self._check_parent(b, parent)
+        paths, below = self._delta(b)
+        ours = scan_paths(self.view(b), paths, self.digests)
+        return self._own_changes(b, ours, self._snapshot_at(b, below, paths))
+
+    def _own_changes(self, b: BranchRec, ours: ViewScan, snapshot: Manifest) -> list[Change]:
+        """The branch's changes; for a top-level branch, without deletions that outside
+        writes into the base made since the fork (DESIGN.md: those are parent changes)."""
+        changes = to_changes(snapshot, ours.manifest)
+        if b.parent is not None:
+            return changes
+        out = []
+        for c in changes:
+            if c.kind is ChangeKind.DELETED:
+                if not os.path.lexists(os.path.join(self.root, c.path)):
+                    continue  # gone from the base too: not this branch's doing
+            elif c.path not in ours.owned:
+                continue  # shows through from the base: written there from outside
+            out.append(c)
+        return out
+
+    def old_content(self, name: str, parent: str | None, path: str) -> bytes | None:
+        b = self.get(name)
+        self._check_parent(b, parent)
+        if b.parent is None:
+            assert b.gen is not None
+            entry = self.gens[b.gen].get(path)
+            real = os.path.join(self.root, path)
+        else:
+            found = View(b.snapshot_layers(), self.root).resolve(path)
+            if found is None:
+                return None
+            entry, real = None, found.real
+            if stat.S_ISREG(found.st.st_mode):
+                return _read(real)
+        if entry is None or entry.type is not EntryType.FILE:
+            return None
+        try:
+            if not stat.S_ISREG(os.lstat(real).st_mode):
+                return None
+            data = _read(real)
+            digest = hash_file(real)
+        except OSError:
+            return None
+        return data if digest == entry.digest else None
+
+    def commit(self, name: str, parent: str | None) -> list[Change]:
+        """Merge ``name`` into its parent (see the module docstring), then release it.
+
+        Only the paths either side may have changed since the fork are looked
+        at (their layers' contents), so a small commit is cheap in a large
+        workspace; a top-level commit rescans the base only when something
+        wrote into it from outside since the fork.
+        """
+        b = self.get(name)
+        p = self._check_parent(b, parent)
+        paths, below = self._delta(b)
+        base_now: Manifest | None = None
+        if p is None:
+            assert b.gen is not None
+            gen = self.gens[b.gen]
+            if b.gen == self.gen and not self.watch.take_dirty():
+                base_now = gen  # nothing wrote into the base since the fork
+            else:
+                base_now = self._scan_base()
+                paths |= changed_paths(gen, base_now)
+            snapshot = {q: gen[q] for q in paths if q in gen}
+            theirs = {q: base_now[q] for q in paths if q in base_now}
+        else:
+            k = len(p.layers) - b.nsnap
+            if [x.id for x in p.layers[k:]] == [x.id for x in b.snapshot_layers()]:
+                paths |= delta_paths(p.layers[:k], below)
+            else:  # pragma: no cover - a stack is only ever pushed onto
+                paths |= {f.path for f in self.view(p).walk()} | {f.path for f in below.walk()}
+            snapshot = scan_paths(below, paths, self.digests).manifest
+            theirs = scan_paths(self.view(p), paths, self.digests).manifest
+        scanned = scan_paths(self.view(b), paths, self.digests)
+        ours, reals = scanned.manifest, scanned.reals
+        ours_changed = changed_paths(snapshot, ours, strict=False)
+        theirs_changed = changed_paths(snapshot, theirs, strict=False)
+        conflicts = find_conflicts(ours_changed, ours, theirs_changed, theirs)
+        if conflicts:
+            shown = ", ".join(conflicts[:5]) + (" ..." if len(conflicts) > 5 else "")
+            raise ConflictError(
+                f"branch {name!r} and its parent both changed {len(conflicts)} path(s) "
+                f"since the fork: {shown}",
+                tuple(conflicts),
+            )
+        merge = merge_paths(snapshot, ours, theirs, theirs_changed)
+        changes = self._own_changes(b, scanned, snapshot)
+        meta_dir = os.path.join(self.branches_dir, str(b.id))
+        top = b.layers[0]
+        if p is None:
+            assert base_now is not None
+            ops = _journal.build_plan(merge, theirs, ours, lambda q: Path(reals[q]))
+            _journal.apply(Path(self.root), Path(self.journal), ops,
+                           release=[Path(meta_dir), Path(top.dir)])
+            self.watch.take_dirty()  # our own writes into the base
+            self._forget(b)
+            self._new_gen(_patched(base_now, merge, ours))
+        else:
+            self._merge(p, b, merge, ours, reals)
+            self._forget(b)
+            with contextlib.suppress(OSError):
+                rmtree(meta_dir)
+        self.gc()
+        return changes
+
+    def abort(self, name: str) -> None:
+        bid = self.by_name.get(name)
+        if bid is None:
+            return
+        b = self.branches[bid]
+        self._forget(b)
+        with contextlib.suppress(OSError):
+            rmtree(os.path.join(self.branches_dir, str(bid)))
+        self.gc()
+
+    def _forget(self, b: BranchRec) -> None:
+        self.branches.pop(b.id, None)
+        self.by_name.pop(b.name, None)
+        self.hooks.gone(b.id)
+
+    def _merge(self, p: BranchRec, b: BranchRec, paths: set[str], ours: Manifest,
+               reals: dict[str, str]) -> None:
+        """Make ``p``'s view hold ``ours`` on ``paths``, in ``p``'s top layer."""
+        view = self.view(p)
+        top = view.top
+        movable = tuple(layer.tree + "/" for layer in b.own_layers())
+        dirs: list[tuple[str, Entry]] = []
+        done: list[str] = []
+        for q in sorted(paths, key=_depth_key):
+            want = ours.get(q)
+            parent_path = parent_of(q)
+            if parent_path:
+                pf = view.resolve(parent_path)
+                if pf is None or not pf.is_dir:
+                    continue  # below a directory this merge removed or replaced
+            have = view.resolve(q)
+            done.append(q)
+            if want is None:
+                if have is not None:
+                    view.remove(have)
+                continue
+            if want.type is EntryType.DIR:
+                if have is not None and have.is_dir:
+                    view.ensure_dir(q)
+                else:
+                    if have is not None:
+                        view.remove(have)
+                    real = view.prepare_new(q)
+                    os.mkdir(real, 0o700)
+                    top.set_opaque(q)
+                    _chown(real, want)
+                dirs.append((q, want))
+                continue
+            if have is not None:
+                view.remove(have)
+            real = view.prepare_new(q)
+            if want.type is EntryType.SYMLINK:
+                os.symlink(want.target, real)
+                _chown(real, want)
+                continue
+            src = reals[q]
+            if want.type is EntryType.FILE and src.startswith(movable):
+                os.rename(src, real)
+            elif want.type is EntryType.FILE:
+                copy_data(src, real, None)
+                copy_metadata(src, real, os.lstat(src))
+            else:
+                os.mkfifo(real, 0o600)
+                copy_metadata(src, real, os.lstat(src))
+        for q, want in reversed(dirs):
+            real = top.real(q)
+            os.chmod(real, want.mode)
+        top.dirty = True
+        p.epoch += 1
+        self.hooks.merged(p, done)
+
+    def resolve(self, b: BranchRec, path: str) -> Found | None:
+        return self.view(b).resolve(path)
+
+    def close(self) -> None:
+        self.watch.close()
+        for layer in self.layers.values():
+            layer.close()
+
+
+def _patched(base: Manifest, paths: set[str], ours: Manifest) -> Manifest:
+    """``base`` after a commit wrote ``ours`` on ``paths`` (a removed directory goes whole)."""
+    new = dict(base)
+    gone: list[str] = []
+    for q in sorted(paths, key=_depth_key):
+        old, want = new.get(q), ours.get(q)
+        if old is not None and old.type is EntryType.DIR and (
+                want is None or want.type is not EntryType.DIR):
+            gone.append(q + "/")
+        if want is None:
+            new.pop(q, None)
+        else:
+            new[q] = want
+    if gone:
+        prefixes = tuple(gone)
+        for k in [k for k in new if k.startswith(prefixes)]:
+            del new[k]
+    return new
+
+
+def _chown(real: str, e: Entry) -> None:
+    if _AS_ROOT and e.uid >= 0:
+        with contextlib.suppress(OSError):
+            os.lchown(real, e.uid, e.gid)
+
+
+def _read(real: str) -> bytes:
+    fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)

@@ -1,0 +1,344 @@
+"""The FUSE backend on real mounts: real tools, lifecycle, fork cost.
+
+The public conformance suite runs on it from tests/test_conformance.py, like
+on every registered backend. Skipped (with the reason) where FUSE cannot run:
+no pyfuse3, no /dev/fuse.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+import branchagent as ba
+from branchagent import testing
+from branchagent._backends.fuse import FuseBackend
+from branchagent._backends.fuse._backend import check_available, is_mounted
+from branchagent._workspace import Workspace
+from branchagent.exceptions import BackendUnavailable
+
+
+def _unavailable() -> str | None:
+    try:
+        check_available()
+    except BackendUnavailable as exc:
+        return f"FUSE backend unavailable (needs pyfuse3 and /dev/fuse): {exc}"
+    return None
+
+
+pytestmark = [pytest.mark.anyio,
+              pytest.mark.skipif(_unavailable() is not None, reason=str(_unavailable()))]
+
+
+
+@asynccontextmanager
+async def fuse_workspace(repo: Path) -> AsyncIterator[Workspace]:
+    async with ba.open_workspace(repo, backend=FuseBackend(),
+                                 state_dir=repo.parent / "state") as ws:
+        yield ws
+
+
+def sh(cmd: str, cwd: Path) -> str:
+    r = subprocess.run(["sh", "-ec", cmd], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"{cmd!r} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+GIT = "git -c user.email=t@example.com -c user.name=t -c init.defaultBranch=main"
+
+
+# -- conformance -----------------------------------------------------------------------------------
+
+
+def test_conformance_suite_covers_fuse() -> None:
+    """tests/test_conformance.py runs the public suite (the 200x50 model check and every
+    targeted check, unchanged) on every registered backend: make sure fuse is one."""
+    assert "fuse" in ba.available_backends()
+    assert getattr(ba.load_backend("fuse"), "isolates_outside_writes", True) is False
+
+
+# -- real tools in a branch, then committed ----------------------------------------------------
+
+
+async def test_git_in_a_branch(repo: Path) -> None:
+    async with fuse_workspace(repo) as ws:
+        async with ws.branch() as b:
+            sh(f"{GIT} init -q . && {GIT} add -A && {GIT} commit -qm init", b.path)
+            sh("echo more >> README.md", b.path)
+            assert sh(f"{GIT} status --short", b.path) == " M README.md\n"
+            sh(f"{GIT} commit -qam more && {GIT} checkout -q -b other && echo x > x.txt "
+               f"&& {GIT} add x.txt && {GIT} commit -qm x && {GIT} checkout -q main", b.path)
+            assert not (b.path / "x.txt").exists()
+            assert sh(f"{GIT} status --short", b.path) == ""
+        assert sh(f"{GIT} status --short", repo) == ""
+        assert sh(f"{GIT} log --format=%s main", repo).split() == ["more", "init"]
+        assert sh(f"{GIT} log --format=%s other", repo).split() == ["x", "more", "init"]
+        assert sh(f"{GIT} fsck --strict && echo ok", repo).endswith("ok\n")
+
+
+async def test_sed_and_editor_saves(repo: Path) -> None:
+    async with fuse_workspace(repo) as ws:
+        async with ws.branch() as b:
+            sh("sed -i 's/demo/edited/' README.md", b.path)
+            # an editor's atomic save: write a temporary file, fsync, rename over the original
+            sh("printf 'def f():\\n    return 2\\n' > src/pkg/.mod.py.tmp && "
+               "sync src/pkg/.mod.py.tmp && mv src/pkg/.mod.py.tmp src/pkg/mod.py", b.path)
+            assert (repo / "README.md").read_text() == "# demo\n"
+        assert (repo / "README.md").read_text() == "# edited\n"
+        assert (repo / "src/pkg/mod.py").read_text() == "def f():\n    return 2\n"
+        assert not (repo / "src/pkg/.mod.py.tmp").exists()
+
+
+async def test_tar_cp_find_du_df(repo: Path, tmp_path: Path) -> None:
+    src = tmp_path / "payload"
+    (src / "a" / "b").mkdir(parents=True)
+    for i in range(50):
+        (src / "a" / f"f{i}.txt").write_text(f"file {i}\n" * (i + 1))
+    (src / "a" / "b" / "run.sh").write_text("#!/bin/sh\n")
+    (src / "a" / "b" / "run.sh").chmod(0o750)
+    os.symlink("../f1.txt", src / "a" / "b" / "link")
+    archive = tmp_path / "payload.tar"
+    sh(f"tar cf {archive} -C {src} a", tmp_path)
+    async with fuse_workspace(repo) as ws:
+        async with ws.branch() as b:
+            sh(f"mkdir unpacked && tar xf {archive} -C unpacked", b.path)
+            sh("cp -a unpacked copied && diff -r unpacked copied", b.path)
+            found = sh("find . -name '*.txt' | sort", b.path).split()
+            assert len([f for f in found if f.startswith("./unpacked/")]) == 50
+            du = int(sh("du -sk unpacked | cut -f1", b.path))
+            assert du > 0
+            df = sh("df -P . | tail -1", b.path).split()
+            assert int(df[1]) > 0  # statfs is real, not zeros
+            assert (b.path / "copied/a/b/link").is_symlink()
+        expected = testing.read_tree(src)
+        assert testing.read_tree(repo / "unpacked") == expected
+        assert testing.read_tree(repo / "copied") == expected
+        mtimes = {os.stat(repo / d / "a/b/run.sh").st_mtime_ns for d in ("unpacked", "copied")}
+        assert len(mtimes) == 1  # cp -a kept tar's mtime, to the nanosecond
+
+
+async def test_posix_errors_and_open_unlinked_files(repo: Path) -> None:
+    async with fuse_workspace(repo) as ws:
+        b = await ws.fork()
+        p = b.path
+
+        def expect(code: int, fn: object, *args: object) -> None:
+            with pytest.raises(OSError) as info:  # noqa: PT011 - the errno is checked
+                fn(*args)  # type: ignore[operator]
+            assert info.value.errno == code, (fn, args, info.value)
+
+        expect(errno.ENOTEMPTY, os.rmdir, p / "src")
+        expect(errno.ENOENT, os.unlink, p / "missing")
+        expect(errno.EEXIST, os.mkdir, p / "src")
+        expect(errno.ENOTDIR, os.listdir, p / "README.md")
+        expect(errno.EISDIR, os.rename, p / "README.md", p / "src")
+        expect(errno.ENOTDIR, os.rename, p / "src", p / "README.md")
+        os.mkdir(p / "full")
+        (p / "full" / "x").write_text("x")
+        expect(errno.ENOTEMPTY, os.rename, p / "src", p / "full")
+        expect(errno.ELOOP, os.open, p / "link", os.O_RDONLY | os.O_NOFOLLOW)
+        # a file used after its name is gone (a common temp-file pattern)
+        fd = os.open(p / "tmp", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.unlink(p / "tmp")
+            os.write(fd, b"abc")
+            assert os.fstat(fd).st_size == 3
+            os.ftruncate(fd, 1)
+            assert os.pread(fd, 10, 0) == b"a"
+        finally:
+            os.close(fd)
+        # rename over, exchange, no-replace
+        (p / "one").write_text("1")
+        (p / "two").write_text("2")
+        os.rename(p / "one", p / "two")
+        assert (p / "two").read_text() == "1"
+        os.link(p / "two", p / "hard")
+        assert os.stat(p / "hard").st_nlink == 2
+        # delete a base directory with content, then recreate it: the new one is empty
+        sh("rm -rf src && mkdir src && touch src/new", p)
+        assert sorted(os.listdir(p / "src")) == ["new"]
+        await b.commit()
+        assert sorted(os.listdir(repo / "src")) == ["new"]
+        assert (repo / "hard").read_text() == "1"
+
+
+async def test_nested_snapshot_while_parent_writes(repo: Path) -> None:
+    """A child sees its parent as at the fork, also through files the parent keeps open."""
+    async with fuse_workspace(repo) as ws:
+        parent = await ws.fork()
+        with open(parent.path / "README.md", "r+") as f:  # noqa: ASYNC230 - served elsewhere
+            f.write("# parent one\n")
+            f.flush()
+            child = await parent.fork()
+            f.seek(0)
+            f.write("# parent two\n")  # after the fork, through a handle opened before it
+            f.flush()
+            second = await parent.fork()  # the moved handle is the parent's only change
+            f.seek(0)
+            f.write("# parent 333\n")
+            f.flush()
+        assert (parent.path / "README.md").read_text() == "# parent 333\n"
+        assert (child.path / "README.md").read_text() == "# parent one\n"
+        assert (second.path / "README.md").read_text() == "# parent two\n"
+        await second.abort()
+        (child.path / "c.txt").write_text("child\n")
+        await child.commit()
+        assert (parent.path / "c.txt").read_text() == "child\n"
+        assert (parent.path / "README.md").read_text() == "# parent 333\n"
+
+
+async def test_control_requests_for_unknown_or_dead_branches(repo: Path) -> None:
+    """Every control request answers: a typed error for a branch the server does not know."""
+    async with fuse_workspace(repo) as ws:
+        be = ws.backend
+        assert isinstance(be, FuseBackend)
+        b = await ws.fork("alive")
+        await b.abort()
+        for name in ("nope", "alive"):
+            with pytest.raises(ba.BranchNotFound):
+                await be.changes(name, None)
+            with pytest.raises(ba.BranchNotFound):
+                await be.commit(name, None)
+            with pytest.raises(ba.BranchNotFound):
+                await be.old_content(name, None, "README.md")
+            await be.abort(name)  # idempotent
+        c = await ws.fork("top")
+        k = await c.fork("kid")
+        with pytest.raises(ba.BranchNotFound, match="not a top-level branch"):
+            await be.changes("kid", None)
+        with pytest.raises(ba.BranchNotFound, match="not a child of 'kid'"):
+            await be.commit("top", "kid")
+        await k.abort()
+        await c.commit()
+        assert sorted(os.listdir(be.mountpoint)) == []
+
+
+# -- lifecycle -------------------------------------------------------------------------------------
+
+
+async def test_mount_gone_after_close_and_reopen_lists_branches(repo: Path) -> None:
+    state = repo.parent / "state"
+    async with ba.open_workspace(repo, backend=FuseBackend(), state_dir=state,
+                                 keep_branches=True) as ws:
+        b = await ws.fork("kept")
+        (b.path / "k.txt").write_text("kept\n")
+        mnt = b.path.parent
+        assert is_mounted(mnt)
+    assert not is_mounted(mnt)
+    async with ba.open_workspace(repo, backend=FuseBackend(), state_dir=state) as ws:
+        (kept,) = ws.branches()
+        assert (kept.path / "k.txt").read_text() == "kept\n"
+        await kept.commit()
+    assert (repo / "k.txt").read_text() == "kept\n"
+
+
+_AGENT = textwrap.dedent("""
+    import sys, time, anyio
+    import branchagent as ba
+    from branchagent._backends.fuse import FuseBackend
+
+    async def main() -> None:
+        async with ba.open_workspace(sys.argv[1], backend=FuseBackend(),
+                                     state_dir=sys.argv[2]) as ws:
+            b = await ws.fork("doomed")
+            (b.path / "x.txt").write_text("x")
+            print("READY", ws.backend.server_pid, b.path, flush=True)
+            await anyio.sleep(600)
+
+    anyio.run(main)
+""")
+
+
+def _wait(cond: object, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_server_dies_with_the_agent(repo: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with subprocess.Popen([sys.executable, "-c", _AGENT, str(repo), str(state)],
+                          stdout=subprocess.PIPE, text=True) as agent:
+        try:
+            assert agent.stdout is not None
+            line = ""
+            while not line.startswith("READY "):  # (structlog writes to stdout too)
+                line = agent.stdout.readline()
+                assert line, "the agent died before it was ready"
+            _, server_pid_s, branch = line.split()
+            server_pid, mnt = int(server_pid_s), Path(branch).parent
+            assert is_mounted(mnt)
+            assert (Path(branch) / "x.txt").read_text() == "x"
+            agent.send_signal(signal.SIGKILL)
+            agent.wait()
+            assert _wait(lambda: not is_mounted(mnt), 10), "the mount outlived the agent"
+            assert _wait(lambda: not _alive(server_pid), 10), "the server outlived the agent"
+        finally:
+            agent.kill()
+            agent.wait()
+    assert not (repo / "x.txt").exists()
+
+
+async def test_stale_mount_is_cleared_on_open(repo: Path, tmp_path: Path) -> None:
+    """A server killed with SIGKILL leaves a dead mount; the next open clears it."""
+    state = tmp_path / "state"
+    async with ba.open_workspace(repo, backend=FuseBackend(), state_dir=state,
+                                 keep_branches=True) as ws:
+        b = await ws.fork("survivor")
+        (b.path / "s.txt").write_text("s\n")
+        pid = ws.backend.server_pid  # type: ignore[attr-defined]
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        assert _wait(lambda: not _alive(pid), 10)
+        with pytest.raises(OSError) as info:  # noqa: PT011 - the errno is checked
+            os.listdir(b.path)
+        assert info.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)  # the dead mount
+    async with ba.open_workspace(repo, backend=FuseBackend(), state_dir=state) as ws:
+        (b,) = ws.branches()
+        assert (b.path / "s.txt").read_text() == "s\n"
+
+
+# -- fork cost -------------------------------------------------------------------------------------
+
+
+async def test_fork_latency_is_flat(tmp_path: Path) -> None:
+    """Not a benchmark: fork on 10k files costs about what it costs on 100."""
+    medians = {}
+    for n in (100, 10_000):
+        repo = tmp_path / f"repo{n}"
+        for i in range(n):
+            d = repo / f"d{i % 100}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"f{i}.txt").write_text(f"{i}\n")
+        async with ba.open_workspace(repo, backend=FuseBackend(),
+                                     state_dir=tmp_path / f"state{n}") as ws:
+            times = []
+            for _ in range(30):
+                t0 = time.perf_counter()
+                b = await ws.fork()
+                times.append(time.perf_counter() - t0)
+                await b.abort()
+            medians[n] = statistics.median(times)
+    assert medians[10_000] < max(5 * medians[100], 0.005), medians
