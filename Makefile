@@ -131,7 +131,7 @@ $(VLLM_STAMP): pyproject.toml
 vllm-test: $(VLLM_STAMP)
 	@BRANCHAGENT_REQUIRE_VLLM=1 $(TIMED) "pytest (vLLM)" \
 		$(VLLM_VENV)/bin/pytest --durations=10 tests/test_llm_vllm.py \
-		tests/test_serve_vllm.py $(PYTEST_ARGS)
+		tests/test_speculative_execution_vllm.py tests/test_serve_vllm.py $(PYTEST_ARGS)
 
 # -- cleaning -----------------------------------------------------------------
 

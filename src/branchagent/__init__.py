@@ -57,6 +57,7 @@ from branchagent_strategies import (
     Cascaded,
     Reflexion,
     Speculate,
+    SpeculativeExecution,
     Tournament,
     TreeSearch,
 )
@@ -102,6 +103,7 @@ __all__ = [
     "RunResult",
     "SandboxError",
     "Speculate",
+    "SpeculativeExecution",
     "Strategy",
     "StrategyError",
     "StrategyNotFound",

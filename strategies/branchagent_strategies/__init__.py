@@ -13,7 +13,9 @@ from .best_of_n import BestOfN
 from .cascaded import Cascaded
 from .reflexion import Reflexion
 from .speculate import Speculate
+from .speculative_execution import SpeculativeExecution
 from .tournament import Tournament
 from .tree_search import TreeSearch
 
-__all__ = ["Beam", "BestOfN", "Cascaded", "Reflexion", "Speculate", "Tournament", "TreeSearch"]
+__all__ = ["Beam", "BestOfN", "Cascaded", "Reflexion", "Speculate", "SpeculativeExecution",
+           "Tournament", "TreeSearch"]
