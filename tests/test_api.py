@@ -6,6 +6,7 @@ import inspect
 import os
 import re
 import types
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 import pytest
@@ -158,9 +159,16 @@ def _listing(path: Path) -> set[str]:
 
 
 @pytest.mark.anyio
-async def test_default_backend_missing_says_what_to_do(repo: Path) -> None:
-    if "fuse" in ba.available_backends():
-        pytest.skip("the fuse backend is installed; this checks the message when it is not")
+async def test_default_backend_missing_says_what_to_do(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Where pyfuse3 is not installed the default backend has no entry point: simulate that.
+    import branchagent._backends as registry
+
+    def without_fuse(*, group: str) -> list[EntryPoint]:
+        return [ep for ep in entry_points(group=group) if ep.name != "fuse"]
+
+    monkeypatch.setattr(registry, "entry_points", without_fuse)
     before_ws, before_parent = _listing(repo), set(os.listdir(repo.parent))
     with pytest.raises(ba.BackendNotFound) as info:
         async with ba.open_workspace(repo):
@@ -169,8 +177,17 @@ async def test_default_backend_missing_says_what_to_do(repo: Path) -> None:
     msg = str(info.value)
     assert "'fuse'" in msg
     assert "backend='copy'" in msg
+    assert "pyfuse3" in msg
     assert _listing(repo) == before_ws
     assert set(os.listdir(repo.parent)) == before_parent
+
+
+@pytest.mark.anyio
+async def test_default_backend_is_fuse_where_it_is_installed(repo: Path) -> None:
+    if "fuse" not in ba.available_backends():
+        pytest.skip("the fuse backend is not installed: pip install 'branchagent[fuse]'")
+    async with ba.open_workspace(repo) as ws:
+        assert ws.backend.name == "fuse"
 
 
 @pytest.mark.anyio
