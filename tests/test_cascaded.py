@@ -6,11 +6,7 @@ helper asserts it before closing).
 
 from __future__ import annotations
 
-import os
-import secrets
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,55 +15,12 @@ import pytest
 from structlog.testing import capture_logs
 
 import branchagent as ba
+from _support import processes_with, sleep_token, snapshot, workspace
 
 pytestmark = pytest.mark.anyio
 
 
 # -- helpers --------------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def workspace(repo: Path) -> AsyncIterator[ba.Workspace]:
-    async with ba.open_workspace(repo, backend="copy") as ws:
-        yield ws
-        assert ws.branches() == [], "a strategy left a branch open"
-
-
-def snapshot(root: Path) -> dict[str, bytes | str]:
-    """Every entry under ``root``: file bytes, symlink targets, directories."""
-    out: dict[str, bytes | str] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames]:
-            p = Path(dirpath, name)
-            rel = p.relative_to(root).as_posix()
-            if p.is_symlink():
-                out[rel] = "-> " + os.readlink(p)
-            elif p.is_dir():
-                out[rel] = "dir"
-            else:
-                out[rel] = p.read_bytes()
-    return out
-
-
-def processes_with(token: str) -> list[int]:
-    """Live (non-zombie) pids whose command line contains ``token``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if token.encode() in cmdline and state != "Z":
-            found.append(int(entry.name))
-    return found
-
-
-def sleep_token() -> str:
-    """A ``sleep`` argument no other process on the machine has."""
-    return f"30.{secrets.randbelow(10**6):06d}"
 
 
 # -- waves --------------------------------------------------------------------------------------

@@ -11,8 +11,7 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,34 +20,12 @@ import pytest
 from structlog.testing import capture_logs
 
 import branchagent as ba
+from _support import snapshot, workspace
 
 pytestmark = pytest.mark.anyio
 
 
 # -- helpers --------------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def workspace(repo: Path) -> AsyncIterator[ba.Workspace]:
-    async with ba.open_workspace(repo, backend="copy") as ws:
-        yield ws
-        assert ws.branches() == [], "a strategy left a branch open"
-
-
-def snapshot(root: Path) -> dict[str, bytes | str]:
-    """Every entry under ``root``: file bytes, symlink targets, directories."""
-    out: dict[str, bytes | str] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames]:
-            p = Path(dirpath, name)
-            rel = p.relative_to(root).as_posix()
-            if p.is_symlink():
-                out[rel] = "-> " + os.readlink(p)
-            elif p.is_dir():
-                out[rel] = "dir"
-            else:
-                out[rel] = p.read_bytes()
-    return out
 
 
 def alive(pid: int) -> bool:
