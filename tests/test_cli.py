@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 import branchagent as ba
+from _support import snapshot
 
 SCRIPT = Path(sys.executable).with_name("branchagent")
 CLI: list[str] = [os.fspath(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m",
@@ -47,21 +48,6 @@ def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
 def ba_in(repo: Path, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
     """``branchagent -w REPO --backend copy ARGS``."""
     return cli("-w", os.fspath(repo), "--backend", "copy", *args, **kw)
-
-
-def snapshot(root: Path) -> dict[str, bytes | str]:
-    out: dict[str, bytes | str] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames]:
-            p = Path(dirpath, name)
-            rel = p.relative_to(root).as_posix()
-            if p.is_symlink():
-                out[rel] = "-> " + os.readlink(p)
-            elif p.is_dir():
-                out[rel] = "dir"
-            else:
-                out[rel] = p.read_bytes()
-    return out
 
 
 def processes_with(token: str) -> list[int]:

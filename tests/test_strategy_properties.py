@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 import branchagent as ba
+from _support import processes_with
 
 pytestmark = pytest.mark.anyio
 
@@ -68,22 +69,6 @@ def snapshot(root: Path) -> dict[str, bytes | str]:
             rel = p.relative_to(root).as_posix()
             out[rel] = "dir" if p.is_dir() else p.read_bytes()
     return out
-
-
-def processes_with(token: str) -> list[int]:
-    """Live (non-zombie) pids whose command line contains ``token``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if token.encode() in cmdline and state != "Z":
-            found.append(int(entry.name))
-    return found
 
 
 async def act(b: ba.Branch, index: int, play: tuple[str, float], token: str) -> Any:
