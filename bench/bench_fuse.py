@@ -30,6 +30,7 @@ average at start and end; ``--json`` writes every sample too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -315,6 +316,7 @@ class Bench:
                 t0 = time.perf_counter_ns()
                 b = await ws.fork()
                 s.add(f"{k}/fuse_fork", time.perf_counter_ns() - t0)
+                server_ns(s, f"{k}/fuse_fork_server", ws)
                 os.stat(b.path / "pkg00")  # the branch is usable
                 t0 = time.perf_counter_ns()
                 await b.abort()
@@ -381,6 +383,7 @@ class Bench:
                 t0 = time.perf_counter_ns()
                 await b.commit()
                 s.add(f"commit/{key}/fuse", time.perf_counter_ns() - t0)
+                server_ns(s, f"commit/{key}/fuse_server", ws)
                 rel, data = written[-1]
                 if (root / rel).read_bytes() != data:
                     raise AssertionError(f"commit did not reach the base: {rel}")
@@ -547,6 +550,69 @@ class Bench:
         probe.unlink()
 
 
+    # sparse copy-up ----------------------------------------------------------------------
+
+    async def copy_up(self) -> None:
+        """A 4 KiB write into the middle of a 200 MB file: what the first write costs,
+        how much the branch stores, and what commit and abort cost afterwards."""
+        s = self.samples
+        root = self.tmp / "cowtree"
+        root.mkdir()
+        data = random.Random(self.args.seed + 1).randbytes(BIG_BYTES)
+        _write_file(root / "big.bin", BIG_BYTES, MIB, data)
+        del data
+        patch = b"P" * (4 * KIB)
+        off = BIG_BYTES // 2 + 1000
+
+        def first_write(path: Path) -> None:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, patch, off)
+            finally:
+                os.close(fd)
+
+        async with ba.open_workspace(root, backend="fuse") as ws:
+            layers = ws.state_dir / "fuse" / "layers"
+            for r in range(self.args.io_repeat + 2):
+                for end in ("abort", "commit"):
+                    b = await ws.fork()
+                    s.add("cow/fuse_write", _timed(first_write, b.path / "big.bin"))
+                    s.add("cow/fuse_stored", _stored(layers) * 1_000_000)  # bytes, as "ns"
+                    t0 = time.perf_counter_ns()
+                    if end == "commit":
+                        await b.commit()
+                    else:
+                        await b.abort()
+                    s.add(f"cow/fuse_{end}", time.perf_counter_ns() - t0)
+                s.add("cow/native_write", _timed(first_write, root / "big.bin"))
+                if self.overlay:
+                    o = self.ovl([root])
+                    o.mount()
+                    s.add("cow/ovl_write", _timed(first_write, o.merged / "big.bin"))
+                    s.add("cow/ovl_stored", _stored(o.upper) * 1_000_000)
+                    s.add("cow/ovl_commit", _timed(o.merge_by_rename, root))
+                if r == 0:
+                    self.log(f"copy-up round done ({2 + self.args.io_repeat} rounds)")
+        remove_tree(root)
+
+
+def server_ns(s: Samples, key: str, ws: ba.Workspace) -> None:
+    """Record the FUSE server's own time for the last request (its critical section)."""
+    ns = getattr(ws.backend, "last_server_ns", None)
+    if isinstance(ns, int):
+        s.add(key, ns)
+
+
+def _stored(tree: Path) -> int:
+    """Bytes allocated under ``tree`` (st_blocks: holes do not count)."""
+    total = 0
+    for d, _dirs, files in os.walk(tree):
+        for n in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(d, n)).st_blocks * 512
+    return total
+
+
 def _quiet_logs() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
@@ -573,6 +639,8 @@ async def bench_main(args: argparse.Namespace, tmp: Path, log: Log) -> Samples:
     await bench.git_status(tree.root)
     log("sequential I/O ...")
     await bench.seq_io()
+    log("copy-up of a 4 KiB write into a 200 MB file ...")
+    await bench.copy_up()
     return bench.samples
 
 
@@ -615,18 +683,20 @@ def render(facts: dict[str, str], s: Samples, args: argparse.Namespace, seconds:
         "Fork (and discard) against tree size; FUSE = `await ws.fork()` / `await b.abort()`, "
         "overlay = mkdir upper/work/merged + mount(2) / umount2(2) + rm -rf:",
         "",
-        "| files | FUSE fork median | p95 | overlay mount median | p95 | `cp -a` median | p95 "
+        "| files | FUSE fork median | p95 | in-server median | p95 "
+        "| overlay mount median | p95 | `cp -a` median | p95 "
         "| `git worktree add` median | p95 | `os.mkdir` median | FUSE abort median | p95 "
         "| overlay discard median | `rm -rf` median | `git worktree remove` median "
         "| FUSE fork after an outside write into the base, median |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n in sorted(set(args.sizes)):
         k = f"scale/{n}"
         mk, ovd, rm, wtr, dirty = (g(f"{k}/{x}") for x in ("mkdir", "ovl_discard", "rm_rf",
                                                             "wt_remove", "fuse_fork_dirty"))
         out.append(
-            f"| {n:,} | {_mp(g(f'{k}/fuse_fork'))} | {_mp(g(f'{k}/ovl_mount'))} "
+            f"| {n:,} | {_mp(g(f'{k}/fuse_fork'))} | {_mp(g(f'{k}/fuse_fork_server'))} "
+            f"| {_mp(g(f'{k}/ovl_mount'))} "
             f"| {_mp(g(f'{k}/cp_a'))} | {_mp(g(f'{k}/wt_add'))} "
             f"| {_fmt(mk.median_ms) if mk else '-'} | {_mp(g(f'{k}/fuse_abort'))} "
             f"| {_fmt(ovd.median_ms) if ovd else '-'} | {_fmt(rm.median_ms) if rm else '-'} "
@@ -638,18 +708,19 @@ def render(facts: dict[str, str], s: Samples, args: argparse.Namespace, seconds:
         "the same writes straight into the tree; overlay = umount2(2), then rename every upper "
         "file into the tree (the cheapest overlay commit):",
         "",
-        "| change | FUSE commit median | p95 | native write median | p95 | overlay merge median "
-        "| p95 |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| change | FUSE commit median | p95 | in-server median | p95 | native write median "
+        "| p95 | overlay merge median | p95 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     labels = [("1KB", "one new 1 KB file"), ("10KB", "one new 10 KB file"),
               ("100KB", "one new 100 KB file"), ("1000KB", "one new 1000 KB file"),
               ("small1", "1 small file edited"), ("small100", "100 small files edited"),
               ("small1000", "1,000 small files edited")]
     for key, label in labels:
-        out.append(f"| {label} | {_mp(g(f'commit/{key}/fuse'))} | {_mp(g(f'commit/{key}/native'))} "
+        out.append(f"| {label} | {_mp(g(f'commit/{key}/fuse'))} "
+                   f"| {_mp(g(f'commit/{key}/fuse_server'))} | {_mp(g(f'commit/{key}/native'))} "
                    f"| {_mp(g(f'commit/{key}/ovl'))} |")
-    out.append(f"| abort (1 small file edited) | {_mp(g('abort/fuse'))} | | | | |")
+    out.append(f"| abort (1 small file edited) | {_mp(g('abort/fuse'))} | | | | | | |")
     out += [
         "",
         "Sequential 200 MB file (MB/s from the median; cold = first read after the fork or "
@@ -703,7 +774,27 @@ def render(facts: dict[str, str], s: Samples, args: argparse.Namespace, seconds:
                    f"| {_fmt(fs_.median_ms) if fs_ else '-'} "
                    f"| {_fmt(om.median_ms) if om else '-'} | {_fmt(orr.median_ms) if orr else '-'} "
                    f"| {_fmt(os_.median_ms) if os_ else '-'} |")
+    fw, ow, nw = g("cow/fuse_write"), g("cow/ovl_write"), g("cow/native_write")
+    fs_, os2 = g("cow/fuse_stored"), g("cow/ovl_stored")
+    out += [
+        "",
+        "Copy-up: open + one 4 KiB pwrite into the middle of a 200 MB base file, in a fresh "
+        "FUSE branch (sparse copy-up), in a fresh overlay mount (whole-file copy-up) and "
+        "natively; stored = bytes allocated in the branch's layers / the overlay's upperdir "
+        "afterwards; then FUSE commit (which fills the rest of the file) or abort:",
+        "",
+        "| | FUSE median | p95 | overlay median | p95 | native median | p95 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| first 4 KiB write, ms | {_mp(fw)} | {_mp(ow)} | {_mp(nw)} |",
+        f"| stored, KiB | {_kib(fs_)} | | {_kib(os2)} | | | |",
+        f"| then commit, ms | {_mp(g('cow/fuse_commit'))} | {_mp(g('cow/ovl_commit'))} | | |",
+        f"| then abort, ms | {_mp(g('cow/fuse_abort'))} | | | | | |",
+    ]
     return "\n".join(out)
+
+
+def _kib(st: Stats | None) -> str:
+    return "-" if st is None else f"{st.median_ms / 1024:,.0f}"  # stored as bytes * 1e6 "ns"
 
 
 def _ints(text: str) -> list[int]:

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import anyio
 import pytest
 
 import branchagent as ba
@@ -342,3 +343,50 @@ async def test_fork_latency_is_flat(tmp_path: Path) -> None:
                 await b.abort()
             medians[n] = statistics.median(times)
     assert medians[10_000] < max(5 * medians[100], 0.005), medians
+
+
+# -- concurrency ----------------------------------------------------------------------------------
+
+
+async def test_a_paused_commit_stalls_only_its_own_branch(
+        repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit's work runs beside the FUSE loop: while it is stopped between journal steps
+    (the fault hook), another branch reads, writes and lists; the committing branch's own
+    requests wait for it, and the commit then lands whole."""
+    go = tmp_path / "go"
+    monkeypatch.setenv("BRANCHAGENT_FUSE_FAULT", f"wait:2:{go}")  # stop after the first op
+    async with fuse_workspace(repo) as ws:
+        a = await ws.fork("a")
+        for i in range(5):
+            (a.path / f"a{i}.txt").write_text(f"a{i}\n")
+        other = await ws.fork("other")
+        seen: dict[str, object] = {}
+
+        def gated() -> None:
+            seen["exists"] = (a.path / "never-looked-up").exists()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.commit)
+            reached = Path(f"{go}.reached")
+            with anyio.fail_after(30):
+                while not reached.exists():  # noqa: ASYNC110, ASYNC240 - another process
+                    await anyio.sleep(0.01)
+
+            def work_elsewhere() -> None:
+                (other.path / "new.txt").write_text("written during the commit\n")
+                seen["read"] = (other.path / "new.txt").read_text()
+                seen["list"] = sorted(os.listdir(other.path))
+
+            with anyio.fail_after(20):
+                await anyio.to_thread.run_sync(work_elsewhere)
+            assert seen["read"] == "written during the commit\n"
+            assert "new.txt" in seen["list"]  # type: ignore[operator]
+            tg.start_soon(anyio.to_thread.run_sync, gated)
+            await anyio.sleep(0.5)
+            assert "exists" not in seen, "a request for the committing branch was not held"
+            assert not (repo / "a4.txt").exists() or not (repo / "a0.txt").exists()
+            go.touch()
+        assert seen["exists"] is False  # answered after the commit: the branch is gone
+    for i in range(5):
+        assert (repo / f"a{i}.txt").read_text() == f"a{i}\n"
+    assert not (repo / "new.txt").exists()

@@ -498,13 +498,24 @@ class Workspace:
     def _meta_path(self) -> Path:
         return self.state_dir / "branches.json"
 
-    async def _persist(self) -> None:
+    def _backend_keeps_branches(self) -> bool:
+        """Whether the backend records its branches (name, parent, created) durably itself,
+        so the workspace need not rewrite branches.json at every fork (the FUSE server does)."""
+        return callable(getattr(self._backend, "saved_branches", None))
+
+    async def _persist(self, *, force: bool = False) -> None:
         path = self._meta_path()
+        kept = self._backend_keeps_branches()
+        if kept and not force:
+            return
 
         def write(data: dict[str, dict[str, object]]) -> None:
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"version": 1, "backend": self._backend.name,
-                                       "branches": data}))
+            doc: dict[str, object] = {"version": 1, "backend": self._backend.name,
+                                      "branches": data}
+            if kept:
+                doc["branches_kept_by_backend"] = True
+            tmp.write_text(json.dumps(doc))
             os.replace(tmp, path)
 
         # Serialised: concurrent forks/commits each persist, and two threads sharing
@@ -512,7 +523,7 @@ class Workspace:
         # was made. The tree is read under the lock, so the last write is the newest.
         with anyio.CancelScope(shield=True):
             async with self._persist_lock:
-                data: dict[str, dict[str, object]] = {
+                data: dict[str, dict[str, object]] = {} if kept else {
                     b.name: {"parent": b._parent_name(), "created": b.created}
                     for b in self.branches()
                 }
@@ -521,13 +532,18 @@ class Workspace:
     async def _restore(self) -> None:
         """Rebuild the branch tree left by a crashed process."""
         path = self._meta_path()
-        if not path.exists():
+        entries: dict[str, dict[str, object]]
+        if self._backend_keeps_branches():
+            entries = self._backend.saved_branches()  # type: ignore[attr-defined]
+            await self._persist(force=True)  # names the backend, for `branchagent status`
+        elif not path.exists():
             return
-        try:
-            raw = json.loads(path.read_text())
-            entries: dict[str, dict[str, object]] = raw["branches"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise WorkspaceCorrupt(f"cannot read {path}: {exc}") from exc
+        else:
+            try:
+                raw = json.loads(path.read_text())
+                entries = raw["branches"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise WorkspaceCorrupt(f"cannot read {path}: {exc}") from exc
         pending = dict(entries)
         while pending:
             progressed = False

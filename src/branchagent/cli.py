@@ -810,6 +810,13 @@ def _status_unlocked(path: Path) -> dict[str, Any]:
         entries: dict[str, dict[str, Any]] = raw.get("branches", {})
     except (OSError, ValueError, AttributeError):
         raw, entries = {}, {}
+    if raw.get("branches_kept_by_backend"):  # the backend's own records are the current ones
+        try:
+            reader = getattr(ba.load_backend(str(raw.get("backend"))), "read_saved_branches", None)
+        except BranchAgentError:
+            reader = None
+        if callable(reader):
+            entries = reader(sdir)
     depth: dict[str, int] = {}
 
     def depth_of(name: str, seen: int = 0) -> int:

@@ -98,6 +98,29 @@ def _wait_unlocked(lock: Path, timeout: float) -> None:
         os.close(fd)
 
 
+def read_saved_branches(state_dir: Path) -> dict[str, dict[str, object]]:
+    """Branch records of a FUSE store (``<state>/fuse/branches/*/meta.json``), by name."""
+    metas = []
+    try:
+        entries = sorted(os.listdir(state_dir / "fuse" / "branches"))
+    except OSError:
+        return {}
+    for entry in entries:
+        try:
+            with open(state_dir / "fuse" / "branches" / entry / "meta.json") as f:
+                metas.append(json.load(f))
+        except (OSError, ValueError):
+            continue
+    names = {m.get("id"): m.get("name") for m in metas if isinstance(m, dict)}
+    out: dict[str, dict[str, object]] = {}
+    for m in metas:
+        if isinstance(m, dict) and isinstance(m.get("name"), str):
+            parent = m.get("parent")
+            pname = None if parent is None else names.get(parent, "")  # "": an orphan
+            out[m["name"]] = {"parent": pname, "created": m.get("created")}
+    return out
+
+
 class FuseBackend:
     """Branches as ``@<id>`` directories of one pyfuse3 copy-on-write mount.
 
@@ -123,7 +146,11 @@ class FuseBackend:
         self._buf = b""
         self._rid = 0
         self._ids: dict[str, int] = {}
+        self._saved: dict[str, dict[str, object]] = {}
         self._lock = anyio.Lock()
+        #: How long the filesystem process spent on the last control request (its critical
+        #: section, as the BranchFS paper reports it), in nanoseconds.
+        self.last_server_ns: int | None = None
 
     # -- paths -----------------------------------------------------------------------------
 
@@ -153,6 +180,19 @@ class FuseBackend:
 
     def exists(self, name: str) -> bool:
         return name in self._ids
+
+    def saved_branches(self) -> dict[str, dict[str, object]]:
+        """The branches the filesystem process found at open: name -> {parent, created}.
+
+        The server writes each branch's record before it answers a fork, so the
+        workspace does not keep its own copy (``branches.json``) up to date.
+        """
+        return {k: dict(v) for k, v in self._saved.items()}
+
+    @staticmethod
+    def read_saved_branches(state_dir: Path) -> dict[str, dict[str, object]]:
+        """The same, read from disk while another process serves the workspace."""
+        return read_saved_branches(state_dir)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -206,6 +246,7 @@ class FuseBackend:
                 await self._stop(graceful=False)
             raise BackendUnavailable(f"unexpected first message from the FUSE server: {hello}")
         self._ids = {str(k): int(v) for k, v in hello.get("branches", {}).items()}
+        self._saved = {str(k): dict(v) for k, v in hello.get("tree", {}).items()}
         for name in hello.get("lost", []):
             log.warning("branch_lost", branch=name, reason="its layers are missing or broken")
         log.info("fuse_mounted", mountpoint=str(self._mnt), pid=self._proc.pid,
@@ -278,6 +319,8 @@ class FuseBackend:
                     reply = await self._receive()
                     if reply.get("id") == rid:
                         break
+        ns = reply.get("ns")
+        self.last_server_ns = ns if isinstance(ns, int) else None
         if "err" in reply:
             raise error_from_json(reply["err"])
         return reply.get("ok")

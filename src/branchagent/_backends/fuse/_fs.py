@@ -32,12 +32,12 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 
 import pyfuse3
 import trio
 
-from ._layers import Found, Layer, Source, View, copy_data, copy_metadata, join, parent_of
+from ._layers import Found, Layer, Source, Sparse, View, join, parent_of, whole_file
 from ._store import BranchRec, Store
 
 __all__ = ["BranchFS"]
@@ -111,13 +111,15 @@ class Node:
 
 
 class Handle:
-    __slots__ = ("fd", "flags", "node", "real")
+    __slots__ = ("fd", "flags", "node", "real", "sparse")
 
-    def __init__(self, fd: int, flags: int, node: Node, real: str) -> None:
+    def __init__(self, fd: int, flags: int, node: Node, real: str,
+                 sparse: Sparse | None) -> None:
         self.fd = fd
         self.flags = flags
         self.node = node
         self.real = real
+        self.sparse = sparse  # the file's sparse record, if it was copied up sparse
 
     @property
     def writable(self) -> bool:
@@ -164,8 +166,41 @@ class BranchFS(pyfuse3.Operations):
         self._next_ino = ROOT + 1
         self._next_fh = 1
         self._pending: list[tuple[int, bytes | None]] = []  # (inode, None) or (parent, name)
+        self._busy: dict[int, trio.Event] = {}  # branch id -> set when its commit is over
         store.hooks = self
         store.watch.on_change = self.base_changed
+
+    # -- branches busy in a commit ------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def busy(self, bids: Iterable[int]) -> AsyncIterator[None]:
+        """Hold requests for branches ``bids`` (a commit of theirs runs in a worker thread)
+        until the block ends; requests for every other branch go on being served."""
+        events = {bid: trio.Event() for bid in bids if bid not in self._busy}
+        self._busy.update(events)
+        try:
+            yield
+        finally:
+            for bid, ev in events.items():
+                del self._busy[bid]
+                ev.set()
+
+    async def _gate(self, node: Node | None) -> None:
+        while node is not None and (ev := self._busy.get(node.bid)) is not None:
+            await ev.wait()
+
+    async def _gate_ino(self, ino: int) -> None:
+        if self._busy:
+            await self._gate(self.nodes.get(ino))
+
+    async def _gate_fh(self, fh: int) -> None:
+        if self._busy:
+            h = self.handles.get(fh)
+            if h is not None:
+                await self._gate(h.node)
+            else:
+                dh = self.dirs.get(fh)
+                await self._gate(dh.node if dh is not None else None)
 
     # -- kernel cache invalidation ------------------------------------------------------------
 
@@ -364,15 +399,13 @@ class BranchFS(pyfuse3.Operations):
                 continue
             new_real = copied.get(old_real)
             if new_real is None:
-                new_real = view.top.real(path)
-                view.ensure_dir(parent_of(path))
-                copy_data(old_real, new_real, None)
-                copy_metadata(old_real, new_real, os.lstat(old_real))
-                view.top.dirty = True
+                st = os.lstat(old_real)
+                new_real = view.copy_up(Found(path, old_top, old_real, st, None))
                 copied[old_real] = new_real
             fd = os.open(new_real, (h.flags & ~(_OPEN_DROP | os.O_TRUNC)) | os.O_NOFOLLOW
                          | os.O_CLOEXEC)
             os.close(h.fd)
+            h.sparse = view.top.sparse.get(path)
             h.fd, h.real = fd, new_real
 
     def merged(self, b: BranchRec, paths: Iterable[str]) -> None:
@@ -448,7 +481,10 @@ class BranchFS(pyfuse3.Operations):
         if node.detached or node.bid not in self.store.branches:
             if not node.handles:
                 raise _err(errno.ENOENT)
-            target = self.handles[next(iter(node.handles))].fd
+            h = self.handles[next(iter(node.handles))]
+            target = h.fd
+            if fields.update_size and h.sparse is not None and not h.sparse.done:
+                h.sparse.truncated(attr.st_size)
         else:
             b = self._branch(node)
             view = self._view(b)
@@ -461,6 +497,9 @@ class BranchFS(pyfuse3.Operations):
                     keep = size if size is not None and size < f.st.st_size else None
                     view.copy_up(f, size=keep)
                 target = f.real
+                sp = view.top.sparse.get(f.path)
+                if size is not None and sp is not None:
+                    sp.truncated(size)
             view.top.dirty = True
             b.epoch += 1
         if fields.update_size:
@@ -575,6 +614,7 @@ class BranchFS(pyfuse3.Operations):
             raise _err(errno.EXDEV)
         f = self._found(src, b)
         real_src = view.copy_up(f)
+        whole_file(f)  # two names for one file: a sparse record follows one path only
         real = view.prepare_new(path)
         os.link(real_src, real)
         child, st = self._made(node, b, view, path)
@@ -638,6 +678,8 @@ class BranchFS(pyfuse3.Operations):
                 raise _err(errno.EINVAL)
             rs = view.materialize(f) if f.is_dir else view.copy_up(f)
             rd = view.materialize(d) if d.is_dir else view.copy_up(d)
+            top.fill_under(spath)  # sparse records follow paths: moved files are made whole
+            top.fill_under(dpath)
             _renameat2(rs, rd, _RENAME_EXCHANGE)
             if f.is_dir != d.is_dir:
                 if f.is_dir:
@@ -665,11 +707,13 @@ class BranchFS(pyfuse3.Operations):
             if not f.is_dir and os.path.samestat(f.st, d.st):
                 return  # two names of one file: POSIX says do nothing
         rs = view.materialize(f) if f.is_dir else view.copy_up(f)
+        top.fill_under(spath)  # sparse records follow paths: moved files are made whole
         view.ensure_dir(parent_of(dpath))
         if d is not None and d.is_dir:
             top.drop_under(dpath)
         top.remove_whiteout(dpath)
         os.rename(rs, top.real(dpath))
+        top.forget_sparse(dpath)  # whatever was replaced there
         if f.is_dir:
             top.clear_opaque(spath)
             top.set_opaque(dpath)
@@ -687,10 +731,11 @@ class BranchFS(pyfuse3.Operations):
 
     # -- files ------------------------------------------------------------------------------------
 
-    def _add_handle(self, fd: int, flags: int, node: Node, real: str) -> int:
+    def _add_handle(self, fd: int, flags: int, node: Node, real: str,
+                    sparse: Sparse | None = None) -> int:
         fh = self._next_fh
         self._next_fh += 1
-        self.handles[fh] = Handle(fd, flags, node, real)
+        self.handles[fh] = Handle(fd, flags, node, real, sparse)
         node.handles.add(fh)
         return fh
 
@@ -705,8 +750,12 @@ class BranchFS(pyfuse3.Operations):
         if write and f.layer is not view.top:
             view.copy_up(f, size=0 if flags & os.O_TRUNC else None)
             b.epoch += 1
+        sp = f.layer.sparse.get(f.path) if f.layer is not None else None
+        if sp is not None and flags & os.O_TRUNC and f.layer is view.top:
+            sp.truncated(0)
+            sp = None
         fd = os.open(f.real, (flags & ~_OPEN_DROP) | os.O_NOFOLLOW | os.O_CLOEXEC)
-        fh = self._add_handle(fd, flags, node, f.real)
+        fh = self._add_handle(fd, flags, node, f.real, sp)
         # Below the top layer a file never changes in place (a write copies it up, a merge
         # gives the path a new inode, outside writes into the base are invalidated).
         return pyfuse3.FileInfo(fh=fh, keep_cache=f.layer is not view.top)
@@ -718,10 +767,16 @@ class BranchFS(pyfuse3.Operations):
         return h
 
     def _read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(self._handle(fh).fd, size, off)
+        h = self._handle(fh)
+        if h.sparse is not None and not h.sparse.done:
+            return h.sparse.read(h.fd, off, size)
+        return os.pread(h.fd, size, off)
 
     def _write(self, fh: int, off: int, buf: bytes) -> int:
-        return os.pwrite(self._handle(fh).fd, buf, off)
+        h = self._handle(fh)
+        if h.sparse is not None and not h.sparse.done:
+            return h.sparse.write(h.fd, off, buf)
+        return os.pwrite(h.fd, buf, off)
 
     def _flush(self, fh: int) -> None:
         self._handle(fh)
@@ -843,98 +898,120 @@ class BranchFS(pyfuse3.Operations):
 
     async def lookup(self, parent_inode: int, name: bytes,
                ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        await self._gate_ino(parent_inode)
         with _errors('lookup'):
             return self._lookup(parent_inode, name, ctx)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        await self._gate_ino(inode)
         with _errors('getattr'):
             return self._getattr(inode, ctx)
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields,
                 fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        await self._gate_ino(inode)
         with _errors('setattr'):
             return self._setattr(inode, attr, fields, fh, ctx)
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        await self._gate_ino(inode)
         with _errors('readlink'):
             return self._readlink(inode, ctx)
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
               ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        await self._gate_ino(parent_inode)
         with _errors('mknod'):
             return self._mknod(parent_inode, name, mode, rdev, ctx)
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
               ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        await self._gate_ino(parent_inode)
         with _errors('mkdir'):
             return self._mkdir(parent_inode, name, mode, ctx)
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                 ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        await self._gate_ino(parent_inode)
         with _errors('symlink'):
             return self._symlink(parent_inode, name, target, ctx)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        await self._gate_ino(parent_inode)
         with _errors('create'):
             return self._create(parent_inode, name, mode, flags, ctx)
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
              ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        await self._gate_ino(inode)
         with _errors('link'):
             return self._link(inode, new_parent_inode, new_name, ctx)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._gate_ino(parent_inode)
         with _errors('unlink'):
             self._unlink(parent_inode, name, ctx)
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._gate_ino(parent_inode)
         with _errors('rmdir'):
             self._rmdir(parent_inode, name, ctx)
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        await self._gate_ino(parent_inode_old)
         with _errors('rename'):
             self._rename(parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        await self._gate_ino(inode)
         with _errors('open'):
             return self._open(inode, flags, ctx)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        await self._gate_fh(fh)
         with _errors('read'):
             return self._read(fh, off, size)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        await self._gate_fh(fh)
         with _errors('write'):
             return self._write(fh, off, buf)
 
     async def flush(self, fh: int) -> None:
+        await self._gate_fh(fh)
         with _errors('flush'):
             self._flush(fh)
 
     async def release(self, fh: int) -> None:
+        await self._gate_fh(fh)
         with _errors('release'):
             self._release(fh)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._gate_fh(fh)
         with _errors('fsync'):
             self._fsync(fh, datasync)
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        await self._gate_ino(inode)
         with _errors('opendir'):
             return self._opendir(inode, ctx)
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        await self._gate_fh(fh)
         with _errors('readdir'):
             self._readdir(fh, start_id, token)
 
     async def releasedir(self, fh: int) -> None:
+        await self._gate_fh(fh)
         with _errors('releasedir'):
             self._releasedir(fh)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await self._gate_fh(fh)
         with _errors('fsyncdir'):
             self._fsyncdir(fh, datasync)
 
@@ -943,19 +1020,23 @@ class BranchFS(pyfuse3.Operations):
             return self._statfs(ctx)
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        await self._gate_ino(inode)
         with _errors('getxattr'):
             return self._getxattr(inode, name, ctx)
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        await self._gate_ino(inode)
         with _errors('listxattr'):
             return self._listxattr(inode, ctx)
 
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                  ctx: pyfuse3.RequestContext) -> None:
+        await self._gate_ino(inode)
         with _errors('setxattr'):
             self._setxattr(inode, name, value, ctx)
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._gate_ino(inode)
         with _errors('removexattr'):
             self._removexattr(inode, name, ctx)
 

@@ -19,9 +19,16 @@ of the same name below it. Invariants: a layer holding an entry or a
 whiteout at ``a/b`` holds the directory ``a``; the top layer never holds a
 whiteout where it holds an entry.
 
-Copy-up is per file (the whole file, with FICLONE where the filesystem has
-reflinks): writing one byte into a large file copies it once. A truncate to
-a smaller size copies only what is kept.
+Copy-up. A small file (under 1 MiB) is copied whole, with FICLONE where the
+filesystem has reflinks. A larger one is copied up *sparse* (see
+:class:`Sparse`): the top layer gets a file of the same size holding no data
+and a record of where its missing bytes live; a write first fills only the
+64 KiB chunks it touches partly, reads take missing chunks from below, and
+nothing else is copied until something needs the whole file (a commit, a
+content digest, a hard link): then the missing chunks are filled in place.
+Writing a few bytes into a 1 GB file therefore copies 64 KiB, and an aborted
+branch never copies the rest. Records live in the layer's ``sparse.log``, so a
+restarted filesystem process reads such a file as before.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -42,22 +50,32 @@ from ..._branch import EntryType
 from ..._manifest import RACY_MARGIN_NS, Entry, Manifest, hash_file
 
 __all__ = [
+    "CHUNK",
+    "SPARSE_MIN",
     "DigestCache",
     "Found",
     "Layer",
     "Source",
+    "Sparse",
     "View",
     "ViewScan",
     "delta_paths",
     "scan_paths",
     "copy_metadata",
     "entry_of",
+    "hash_sparse",
+    "sparse_of",
+    "whole_file",
     "join",
     "parent_of",
     "split",
 ]
 
 _FICLONE = 0x40049409
+#: Sparse copy-up granule: a write fills at most this much around each end.
+CHUNK = 1 << 16
+#: Files at least this large are copied up sparse; smaller ones whole.
+SPARSE_MIN = 1 << 20
 _AS_ROOT = os.geteuid() == 0
 _reflink = [True]  # cleared at the first filesystem that has no reflinks
 
@@ -79,6 +97,151 @@ def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root + "/")
 
 
+# -- sparse copy-up ---------------------------------------------------------------------------
+
+
+class Sparse:
+    """A file of a layer that holds only some of its bytes; the rest read from below.
+
+    Byte ``i`` of the file's content is in the layer's own (real) file when
+    ``i >= limit`` or its chunk (``i // CHUNK``) is in ``present``; otherwise it
+    is byte ``i`` of ``lower``'s content (another :class:`Sparse` when the file
+    below is itself sparse, else the real file ``lower_real``). ``limit`` starts
+    at the size below and only shrinks (a truncate). Once every chunk under
+    ``limit`` is present the record is dropped (``done``) and the real file is the
+    whole content. Every change is logged before the call that needs it returns.
+    """
+
+    __slots__ = ("_fd", "done", "layer", "limit", "lower", "lower_lid", "lower_path",
+                 "lower_real", "path", "present")
+
+    def __init__(self, layer: Layer, path: str, lower_lid: str | None, lower_path: str,
+                 lower_real: str, limit: int) -> None:
+        self.layer = layer
+        self.path = path
+        self.lower_lid = lower_lid
+        self.lower_path = lower_path
+        self.lower_real = lower_real
+        self.lower: Sparse | None = None  # linked after loading (see Store.load)
+        self.limit = limit
+        self.present: set[int] = set()
+        self.done = False
+        self._fd: int | None = None
+
+    def __repr__(self) -> str:
+        return f"<Sparse {self.layer.id}:{self.path} limit={self.limit} have={len(self.present)}>"
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _lower_fd(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.lower_real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return self._fd
+
+    def _nchunks(self) -> int:
+        return -(-self.limit // CHUNK)
+
+    def _from_lower(self, off: int, size: int) -> bytes:
+        lower = self.lower
+        fd = self._lower_fd()
+        if lower is not None and not lower.done:
+            data = lower.read(fd, off, size)
+        else:
+            data = os.pread(fd, size, off)
+        if len(data) < size:  # (the file below shrank behind our back: zeros, not garbage)
+            data += bytes(size - len(data))
+        return data
+
+    def read(self, fd: int, off: int, size: int) -> bytes:
+        """``size`` bytes of the content at ``off``; ``fd`` is this layer's real file."""
+        end = min(off + size, os.fstat(fd).st_size)
+        parts: list[bytes] = []
+        pos = off
+        while pos < end:
+            c = pos // CHUNK
+            if pos >= self.limit or c in self.present:
+                stop = pos  # a run of chunks held here
+                while stop < end and (stop >= self.limit or stop // CHUNK in self.present):
+                    stop = (stop // CHUNK + 1) * CHUNK
+                stop = min(stop, end)
+                parts.append(os.pread(fd, stop - pos, pos))
+            else:
+                stop = min((c + 1) * CHUNK, end, self.limit)
+                parts.append(self._from_lower(pos, stop - pos))
+            pos = stop
+        return b"".join(parts)
+
+    def write(self, fd: int, off: int, buf: bytes) -> int:
+        """Write ``buf`` at ``off`` (filling the chunks it covers only partly first)."""
+        end = off + len(buf)
+        first, last = off // CHUNK, (end - 1) // CHUNK
+        filled = []
+        for c in {first, last}:
+            if c not in self.present and c * CHUNK < self.limit and not (
+                    off <= c * CHUNK and end >= (c + 1) * CHUNK):
+                self._fill(fd, c)
+                filled.append(c)
+        n = os.pwrite(fd, buf, off)
+        whole = [c for c in range(-(-off // CHUNK), (off + n) // CHUNK)
+                 if c not in self.present and c * CHUNK < self.limit]
+        self._mark(filled + whole)
+        return n
+
+    def _fill(self, fd: int, c: int) -> None:
+        start = c * CHUNK
+        stop = min(start + CHUNK, self.limit)
+        data = self._from_lower(start, stop - start)
+        view = memoryview(data)
+        pos = start
+        while view:
+            n = os.pwrite(fd, view, pos)
+            view, pos = view[n:], pos + n
+
+    def _mark(self, chunks: list[int]) -> None:
+        if not chunks:
+            return
+        self.present.update(chunks)
+        self.layer.log_sparse(["c", self.path, sorted(chunks)])
+        if len(self.present) >= self._nchunks() and all(
+                c in self.present for c in range(self._nchunks())):
+            self._finish()
+
+    def truncated(self, size: int) -> None:
+        """The real file is about to be cut (or grown) to ``size``."""
+        if size < self.limit:
+            self.limit = size
+            self.present = {c for c in self.present if c * CHUNK < size}
+            self.layer.log_sparse(["t", self.path, size])
+            if all(c in self.present for c in range(self._nchunks())):
+                self._finish()
+
+    def fill(self) -> None:
+        """Copy in every missing chunk (keeping the file's times); the record is dropped."""
+        if self.done:
+            return
+        real = self.layer.real(self.path)
+        st = os.lstat(real)
+        fd = os.open(real, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            for c in range(self._nchunks()):
+                if c not in self.present:
+                    self._fill(fd, c)
+        finally:
+            os.close(fd)
+        os.utime(real, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        self._finish()
+
+    def _finish(self) -> None:
+        self.done = True
+        self.close()
+        if self.layer.sparse.get(self.path) is self:
+            del self.layer.sparse[self.path]
+        self.layer.log_sparse(["m", self.path])
+
+
 # -- layers ----------------------------------------------------------------------------------
 
 
@@ -92,7 +255,9 @@ class Layer:
         self.whiteouts: dict[str, set[str]] = {}  # directory path -> names deleted in it
         self.opaque: set[str] = set()
         self.dirty = False  # written since it was made (a clean top can be shared by a fork)
+        self.sparse: dict[str, Sparse] = {}  # path -> record of a file copied up sparse
         self._log_fd: int | None = None
+        self._sparse_fd: int | None = None
 
     def __repr__(self) -> str:
         return f"<Layer {self.id}>"
@@ -119,14 +284,81 @@ class Layer:
             with open(os.path.join(directory, "meta.log"), "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
-            return layer
+            raw = b""
         for line in raw.splitlines():
             try:
                 op, path = json.loads(line)
             except ValueError:
                 continue  # a torn last line after a crash: the op before it stands
             layer._apply(str(op), str(path))
+        try:
+            with open(os.path.join(directory, "sparse.log"), "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raw = b""
+        for line in raw.splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            layer._apply_sparse(rec)
         return layer
+
+    def _apply_sparse(self, rec: list[object]) -> None:
+        op, path = str(rec[0]), str(rec[1])
+        if op == "s":
+            lid, lower_path, lower_real, limit = rec[2:6]
+            self.sparse[path] = Sparse(self, path, None if lid is None else str(lid),
+                                       str(lower_path), str(lower_real), int(limit))  # type: ignore[call-overload]
+            return
+        if op == "d":  # removed (with everything below)
+            for p in [p for p in self.sparse if _under(p, path)]:
+                self.sparse.pop(p).close()
+            return
+        sp = self.sparse.get(path)
+        if sp is None:
+            return
+        if op == "c":
+            sp.present.update(int(c) for c in rec[2])  # type: ignore[attr-defined]
+        elif op == "t":
+            sp.limit = min(sp.limit, int(rec[2]))  # type: ignore[call-overload]
+        elif op == "m":
+            sp.done = True
+            self.sparse.pop(path).close()
+
+    def log_sparse(self, rec: list[object]) -> None:
+        """Append one sparse-record change to ``sparse.log`` (and apply the structural ones)."""
+        self.dirty = True
+        if rec[0] == "d":
+            self._apply_sparse(rec)
+        if self._sparse_fd is None:
+            self._sparse_fd = os.open(os.path.join(self.dir, "sparse.log"),
+                                      os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                                      0o600)
+        os.write(self._sparse_fd, json.dumps(rec).encode() + b"\n")
+
+    def drop_missing(self) -> None:
+        """Forget records whose file is gone (a crash between an unlink and its log line)."""
+        for p in list(self.sparse):
+            try:
+                ok = stat.S_ISREG(os.lstat(self.real(p)).st_mode)
+            except OSError:
+                ok = False
+            if not ok:
+                self.sparse.pop(p).close()
+
+    def sparse_under(self, path: str) -> list[Sparse]:
+        return [sp for p, sp in self.sparse.items() if _under(p, path)]
+
+    def fill_under(self, path: str) -> None:
+        """Make every sparse file at or below ``path`` whole (see :meth:`Sparse.fill`)."""
+        for sp in self.sparse_under(path):
+            sp.fill()
+
+    def forget_sparse(self, path: str) -> None:
+        """The file (or tree) at ``path`` was removed from this layer."""
+        if any(_under(p, path) for p in self.sparse):
+            self.log_sparse(["d", path])
 
     def _apply(self, op: str, path: str) -> None:
         d, n = split(path)
@@ -157,10 +389,33 @@ class Layer:
         if self._log_fd is not None:
             os.close(self._log_fd)
             self._log_fd = None
+        if self._sparse_fd is not None:
+            os.close(self._sparse_fd)
+            self._sparse_fd = None
+
+    def release(self) -> None:
+        """Close everything, also the files below that sparse records hold open."""
+        self.close()
+        for sp in self.sparse.values():
+            sp.close()
 
     def compact(self) -> None:
-        """Rewrite the log as the current sets (done when the layer is frozen)."""
+        """Rewrite the logs as the current state (done when the layer is frozen)."""
         self.close()
+        sparse_path = os.path.join(self.dir, "sparse.log")
+        recs = []
+        for sp in self.sparse.values():
+            recs.append(json.dumps(["s", sp.path, sp.lower_lid, sp.lower_path, sp.lower_real,
+                                    sp.limit]))
+            if sp.present:
+                recs.append(json.dumps(["c", sp.path, sorted(sp.present)]))
+        if recs:
+            with open(sparse_path + ".tmp", "w") as f:
+                f.write("\n".join(recs) + "\n")
+            os.replace(sparse_path + ".tmp", sparse_path)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(sparse_path)
         lines = [json.dumps(["w", join(d, n)]) for d, names in self.whiteouts.items()
                  for n in sorted(names)]
         lines += [json.dumps(["o", p]) for p in sorted(self.opaque)]
@@ -373,7 +628,15 @@ class View:
         dst = top.real(found.path)
         st = found.st
         if stat.S_ISREG(st.st_mode):
-            copy_data(found.real, dst, size)
+            below = found.layer.sparse.get(found.path) if found.layer is not None else None
+            limit = st.st_size if size is None else min(size, st.st_size)
+            if limit >= SPARSE_MIN:
+                self._sparse_copy_up(found, dst, limit, st.st_size if size is None else size,
+                                     below)
+            else:
+                if below is not None:
+                    below.fill()
+                copy_data(found.real, dst, size)
         elif stat.S_ISLNK(st.st_mode):
             os.symlink(os.readlink(found.real), dst)
         elif stat.S_ISFIFO(st.st_mode):
@@ -385,6 +648,30 @@ class View:
         found.layer, found.real = top, dst
         found.st = os.lstat(dst)
         return dst
+
+    def _sparse_copy_up(self, found: Found, dst: str, limit: int, size: int,
+                        below: Sparse | None) -> None:
+        top = self.top
+        lid = found.layer.id if found.layer is not None else None
+        # Logged before the file exists: a record whose file is missing is dropped on load,
+        # while a file without its record would read zeros where the data below is.
+        top.log_sparse(["s", found.path, lid, found.path, found.real, limit])
+        sp = Sparse(top, found.path, lid, found.path, found.real, limit)
+        sp.lower = below
+        try:
+            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
+            sp._lower_fd()  # hold what is below now, whatever replaces it later
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(dst)
+            top.log_sparse(["d", found.path])
+            sp.close()
+            raise
+        top.sparse[found.path] = sp
 
     def lower_has(self, path: str) -> bool:
         """Whether the layers below the top (or the base) show something at ``path``."""
@@ -399,6 +686,7 @@ class View:
                 rmtree(found.real)
             else:
                 os.unlink(found.real)
+            top.forget_sparse(path)
         if found.is_dir:
             top.drop_under(path)
             top.clear_opaque(path)
@@ -433,6 +721,35 @@ class View:
 
 
 # -- file helpers ------------------------------------------------------------------------------
+
+
+def sparse_of(f: Found) -> Sparse | None:
+    """``f``'s sparse record, if its real file does not hold all of its content."""
+    sp = f.layer.sparse.get(f.path) if f.layer is not None else None
+    return None if sp is None or sp.done else sp
+
+
+def hash_sparse(real: str, sp: Sparse) -> str:
+    """:func:`hash_file` of a sparse file's content (without filling it)."""
+    h = hashlib.blake2b(digest_size=16)
+    fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        off = 0
+        while chunk := (sp.read(fd, off, 1 << 20) if not sp.done else os.pread(fd, 1 << 20, off)):
+            h.update(chunk)
+            off += len(chunk)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def whole_file(f: Found) -> bool:
+    """Make ``f``'s real file hold its whole content (fill a sparse copy); True if it did."""
+    sp = f.layer.sparse.get(f.path) if f.layer is not None else None
+    if sp is None or sp.done:
+        return False
+    sp.fill()
+    return True
 
 
 def copy_data(src: str, dst: str, size: int | None) -> None:
@@ -528,13 +845,13 @@ class DigestCache:
     def __init__(self) -> None:
         self._d: dict[str, tuple[tuple[int, int, int, int], str, int]] = {}
 
-    def digest(self, real: str, st: os.stat_result) -> str:
+    def digest(self, real: str, st: os.stat_result, sparse: Sparse | None = None) -> str:
         key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         hit = self._d.get(real)
         if hit is not None and hit[0] == key and key[3] < hit[2] - RACY_MARGIN_NS:
             return hit[1]
         started = time.time_ns()
-        digest = hash_file(real)
+        digest = hash_sparse(real, sparse) if sparse is not None else hash_file(real)
         self._d[real] = (key, digest, started)
         if len(self._d) > 1_000_000:
             self._d.clear()
@@ -553,7 +870,7 @@ def entry_of(f: Found, cache: DigestCache) -> Entry | None:
     perm = stat.S_IMODE(mode)
     if stat.S_ISREG(mode):
         return Entry(EntryType.FILE, perm, st.st_mtime_ns, st.st_size,
-                     cache.digest(f.real, st), uid=st.st_uid, gid=st.st_gid)
+                     cache.digest(f.real, st, sparse_of(f)), uid=st.st_uid, gid=st.st_gid)
     if stat.S_ISDIR(mode):
         return Entry(EntryType.DIR, perm, uid=st.st_uid, gid=st.st_gid)
     if stat.S_ISLNK(mode):
@@ -572,6 +889,7 @@ class ViewScan:
     manifest: Manifest
     reals: dict[str, str]
     owned: set[str]
+    sparse: dict[str, Sparse] = attrs.Factory(dict)  # files whose real file is not whole
 
 
 def scan_view(view: View, cache: DigestCache) -> ViewScan:
@@ -657,6 +975,7 @@ def scan_paths(view: View, paths: Iterable[str], cache: DigestCache) -> ViewScan
     out: Manifest = {}
     reals: dict[str, str] = {}
     owned: set[str] = set()
+    sparse: dict[str, Sparse] = {}
     dirs: dict[str, Found | None] = {"": view.root()}
 
     def resolve(p: str) -> Found | None:
@@ -684,6 +1003,9 @@ def scan_paths(view: View, paths: Iterable[str], cache: DigestCache) -> ViewScan
         out[p] = e
         if e.type is not EntryType.DIR:
             reals[p] = f.real
+            sp = sparse_of(f)
+            if sp is not None:
+                sparse[p] = sp
         if f.layer is not None:
             owned.add(p)
-    return ViewScan(out, reals, owned)
+    return ViewScan(out, reals, owned, sparse)

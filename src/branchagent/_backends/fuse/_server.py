@@ -40,8 +40,6 @@ def _dispatch(store: Store, req: dict[str, Any]) -> object:
     op = req.get("op")
     if op == "create":
         return store.create(str(req["name"]), req.get("parent"))
-    if op == "commit":
-        return [change_to_json(c) for c in store.commit(str(req["name"]), req.get("parent"))]
     if op == "abort":
         store.abort(str(req["name"]))
         return None
@@ -55,6 +53,16 @@ def _dispatch(store: Store, req: dict[str, Any]) -> object:
     if op == "ping":
         return "pong"
     raise ValueError(f"unknown request {op!r}")
+
+
+async def _commit(store: Store, fs: BranchFS, req: dict[str, Any]) -> object:
+    """A commit whose heavy part runs in a worker thread: requests for the branch and its
+    parent wait for it, every other branch is served meanwhile."""
+    job = store.commit_prepare(str(req["name"]), req.get("parent"))
+    async with fs.busy(job.busy):
+        await trio.to_thread.run_sync(store.commit_work, job)
+        changes = store.commit_finish(job)
+    return [change_to_json(c) for c in changes]
 
 
 async def _control(stream: trio.SocketStream, store: Store, fs: BranchFS) -> None:
@@ -80,8 +88,12 @@ async def _control(stream: trio.SocketStream, store: Store, fs: BranchFS) -> Non
             if req.get("op") == "shutdown":
                 await stream.send_all(encode({"id": rid, "ok": None}))
                 return
+            started = time.perf_counter_ns()
             try:
-                result = _dispatch(store, req)
+                if req.get("op") == "commit":
+                    result = await _commit(store, fs, req)
+                else:
+                    result = _dispatch(store, req)
             except Exception as exc:
                 if not isinstance(exc, (OSError, LookupError, ValueError)) and not type(
                     exc
@@ -91,6 +103,7 @@ async def _control(stream: trio.SocketStream, store: Store, fs: BranchFS) -> Non
             else:
                 reply = {"id": rid, "ok": result}
             await fs.flush_invalidations()  # the kernel forgot what changed before we answer
+            reply["ns"] = time.perf_counter_ns() - started  # the in-server critical section
             try:
                 await stream.send_all(encode(reply))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -156,6 +169,7 @@ async def serve(root: str, state: str, fd: int, ppid: int) -> None:
             nursery.start_soon(_signals, nursery.cancel_scope)
             await trio.lowlevel.checkpoint()
             await stream.send_all(encode({"ready": True, "branches": dict(store.by_name),
+                                          "tree": store.tree(),
                                           "lost": lost, "pid": os.getpid()}))
             jobs = store.take_unsaved()  # the base manifest of this open, off the fork path
             if jobs:

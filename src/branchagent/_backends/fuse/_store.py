@@ -35,6 +35,7 @@ import contextlib
 import json
 import os
 import stat
+import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -68,10 +69,11 @@ from ._layers import (
     parent_of,
     rmtree,
     scan_paths,
+    whole_file,
 )
 from ._watch import BaseWatch
 
-__all__ = ["BranchRec", "Hooks", "Store"]
+__all__ = ["BranchRec", "CommitJob", "Hooks", "Store"]
 
 _AS_ROOT = os.geteuid() == 0
 
@@ -87,6 +89,7 @@ class BranchRec:
     nsnap: int  # the bottom nsnap layers (plus the base) are the parent at the fork
     gen: int | None  # top-level branches: the base generation at the fork
     epoch: int = 0  # bumped on every change of the namespace (the FS caches by it)
+    created: float = attrs.Factory(time.time)
 
     def own_layers(self) -> list[Layer]:
         return self.layers[: len(self.layers) - self.nsnap]
@@ -97,7 +100,22 @@ class BranchRec:
     def to_json(self) -> dict[str, object]:
         return {"id": self.id, "name": self.name, "parent": self.parent,
                 "layers": [layer.id for layer in self.layers], "nsnap": self.nsnap,
-                "gen": self.gen}
+                "gen": self.gen, "created": self.created}
+
+
+@attrs.define(eq=False)
+class CommitJob:
+    """A commit between its steps (see :meth:`Store.commit_prepare`)."""
+
+    b: BranchRec
+    p: BranchRec | None
+    paths: set[str]
+    below: View
+    rescan: bool
+    busy: tuple[int, ...]
+    changes: list[Change] = attrs.Factory(list)
+    new_base: Manifest | None = None
+    merged: list[str] = attrs.Factory(list)
 
 
 class Hooks(Protocol):
@@ -197,9 +215,19 @@ class Store:
             self.by_name[rec.name] = rec.id
             self.next_id = max(self.next_id, rec.id + 1)
         self.gen = max([0, *gens_on_disk])
+        self._link_sparse()
         self._new_gen(self._scan_base())
         self.gc()
         return lost
+
+    def _link_sparse(self) -> None:
+        """Point each loaded sparse record at the record below it, if that one is sparse too."""
+        for layer in self.layers.values():
+            layer.drop_missing()
+        for layer in self.layers.values():
+            for sp in layer.sparse.values():
+                below = self.layers.get(sp.lower_lid) if sp.lower_lid is not None else None
+                sp.lower = below.sparse.get(sp.lower_path) if below is not None else None
 
     def _load_branch(self, m: dict[str, object]) -> BranchRec:
         layers = []
@@ -213,10 +241,13 @@ class Store:
             raise ValueError("a branch without layers")
         gen = m.get("gen")
         parent = m.get("parent")
+        created = m.get("created")
         return BranchRec(id=int(m["id"]), name=str(m["name"]),  # type: ignore[call-overload]
                          parent=None if parent is None else int(parent),  # type: ignore[call-overload]
                          layers=layers, nsnap=int(m["nsnap"]),  # type: ignore[call-overload]
-                         gen=None if gen is None else int(gen))  # type: ignore[call-overload]
+                         gen=None if gen is None else int(gen),  # type: ignore[call-overload]
+                         created=float(created) if isinstance(created, int | float)
+                         else time.time())
 
     def _gens_on_disk(self) -> list[int]:
         out = []
@@ -275,7 +306,7 @@ class Store:
         used = {layer.id for b in self.branches.values() for layer in b.layers}
         for lid in [lid for lid in self.layers if lid not in used]:
             layer = self.layers.pop(lid)
-            layer.close()
+            layer.release()
             self.digests.forget_under(layer.dir)
             with contextlib.suppress(OSError):
                 rmtree(layer.dir)
@@ -293,6 +324,17 @@ class Store:
                     os.unlink(os.path.join(self.base_dir, f"{g}.json"))
 
     # -- helpers -------------------------------------------------------------------------------
+
+    def tree(self) -> dict[str, dict[str, object]]:
+        """Every branch: name -> {parent name, created} (what the workspace restores)."""
+        out: dict[str, dict[str, object]] = {}
+        for b in self.branches.values():
+            pname = None
+            if b.parent is not None:  # "" (never a branch name): its parent is gone, an orphan
+                parent = self.branches.get(b.parent)
+                pname = parent.name if parent is not None else ""
+            out[b.name] = {"parent": pname, "created": b.created}
+        return out
 
     def get(self, name: str) -> BranchRec:
         bid = self.by_name.get(name)
@@ -408,6 +450,7 @@ class Store:
                 return None
             entry, real = None, found.real
             if stat.S_ISREG(found.st.st_mode):
+                whole_file(found)
                 return _read(real)
         if entry is None or entry.type is not EntryType.FILE:
             return None
@@ -421,24 +464,44 @@ class Store:
         return data if digest == entry.digest else None
 
     def commit(self, name: str, parent: str | None) -> list[Change]:
-        """Merge ``name`` into its parent (see the module docstring), then release it.
+        """Merge ``name`` into its parent in one go (see :meth:`commit_prepare`)."""
+        job = self.commit_prepare(name, parent)
+        self.commit_work(job)
+        return self.commit_finish(job)
+
+    def commit_prepare(self, name: str, parent: str | None) -> CommitJob:
+        """First step of a commit (on the server's thread): what to look at.
 
         Only the paths either side may have changed since the fork are looked
         at (their layers' contents), so a small commit is cheap in a large
         workspace; a top-level commit rescans the base only when something
-        wrote into it from outside since the fork.
+        wrote into it from outside since the fork. The server runs
+        :meth:`commit_work` in a worker thread while requests for ``job.busy``
+        (the branch and its parent) wait and every other branch is served,
+        then :meth:`commit_finish` on its own thread again.
         """
         b = self.get(name)
         p = self._check_parent(b, parent)
         paths, below = self._delta(b)
+        rescan = False
+        if p is None:
+            assert b.gen is not None
+            rescan = b.gen != self.gen or self.watch.take_dirty()
+        busy = (b.id,) if p is None else (b.id, p.id)
+        return CommitJob(b=b, p=p, paths=paths, below=below, rescan=rescan, busy=busy)
+
+    def commit_work(self, job: CommitJob) -> None:
+        """The commit's reading, checking and writing: thread-safe against requests for
+        other branches (it touches only ``job.busy``'s layers, the base and its caches)."""
+        b, p, paths, below = job.b, job.p, job.paths, job.below
         base_now: Manifest | None = None
         if p is None:
             assert b.gen is not None
             gen = self.gens[b.gen]
-            if b.gen == self.gen and not self.watch.take_dirty():
+            if not job.rescan:
                 base_now = gen  # nothing wrote into the base since the fork
             else:
-                base_now = self._scan_base()
+                base_now, self.base_cache = scan(Path(self.root), self.base_cache)
                 paths |= changed_paths(gen, base_now)
             snapshot = {q: gen[q] for q in paths if q in gen}
             theirs = {q: base_now[q] for q in paths if q in base_now}
@@ -458,29 +521,44 @@ class Store:
         if conflicts:
             shown = ", ".join(conflicts[:5]) + (" ..." if len(conflicts) > 5 else "")
             raise ConflictError(
-                f"branch {name!r} and its parent both changed {len(conflicts)} path(s) "
+                f"branch {b.name!r} and its parent both changed {len(conflicts)} path(s) "
                 f"since the fork: {shown}",
                 tuple(conflicts),
             )
         merge = merge_paths(snapshot, ours, theirs, theirs_changed)
-        changes = self._own_changes(b, scanned, snapshot)
-        meta_dir = os.path.join(self.branches_dir, str(b.id))
-        top = b.layers[0]
+        job.changes = self._own_changes(b, scanned, snapshot)
+        for q in merge:  # files copied up sparse are made whole before they move
+            sp = scanned.sparse.get(q)
+            if sp is not None:
+                sp.fill()
         if p is None:
             assert base_now is not None
+            meta_dir = os.path.join(self.branches_dir, str(b.id))
             ops = _journal.build_plan(merge, theirs, ours, lambda q: Path(reals[q]))
             _journal.apply(Path(self.root), Path(self.journal), ops,
-                           release=[Path(meta_dir), Path(top.dir)])
+                           release=[Path(meta_dir), Path(b.layers[0].dir)])
+            job.new_base = _patched(base_now, merge, ours)
+        else:
+            job.merged = self._merge(p, b, merge, ours, reals)
+
+    def commit_finish(self, job: CommitJob) -> list[Change]:
+        """Last step (on the server's thread): forget the branch, tell the filesystem."""
+        b, p = job.b, job.p
+        if p is None:
             self.watch.take_dirty()  # our own writes into the base
             self._forget(b)
-            self._new_gen(_patched(base_now, merge, ours))
+            assert job.new_base is not None
+            self._new_gen(job.new_base)
+            if job.rescan:  # directories made outside since the last scan: watch them too
+                self.watch.watch(q for q, e in job.new_base.items() if e.type is EntryType.DIR)
         else:
-            self._merge(p, b, merge, ours, reals)
+            p.epoch += 1
+            self.hooks.merged(p, job.merged)
             self._forget(b)
             with contextlib.suppress(OSError):
-                rmtree(meta_dir)
+                rmtree(os.path.join(self.branches_dir, str(b.id)))
         self.gc()
-        return changes
+        return job.changes
 
     def abort(self, name: str) -> None:
         bid = self.by_name.get(name)
@@ -498,8 +576,9 @@ class Store:
         self.hooks.gone(b.id)
 
     def _merge(self, p: BranchRec, b: BranchRec, paths: set[str], ours: Manifest,
-               reals: dict[str, str]) -> None:
-        """Make ``p``'s view hold ``ours`` on ``paths``, in ``p``'s top layer."""
+               reals: dict[str, str]) -> list[str]:
+        """Make ``p``'s view hold ``ours`` on ``paths``, in ``p``'s top layer; return the
+        paths it wrote (for the filesystem to invalidate)."""
         view = self.view(p)
         top = view.top
         movable = tuple(layer.tree + "/" for layer in b.own_layers())
@@ -550,8 +629,7 @@ class Store:
             real = top.real(q)
             os.chmod(real, want.mode)
         top.dirty = True
-        p.epoch += 1
-        self.hooks.merged(p, done)
+        return done
 
     def resolve(self, b: BranchRec, path: str) -> Found | None:
         return self.view(b).resolve(path)
@@ -559,7 +637,7 @@ class Store:
     def close(self) -> None:
         self.watch.close()
         for layer in self.layers.values():
-            layer.close()
+            layer.release()
 
 
 def _patched(base: Manifest, paths: set[str], ours: Manifest) -> Manifest:
