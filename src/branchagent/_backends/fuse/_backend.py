@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import structlog
-from anyio.abc import Process, SocketStream
+from anyio.abc import Process
 
 from ... import _journal
 from ..._branch import Change
@@ -121,6 +121,17 @@ def read_saved_branches(state_dir: Path) -> dict[str, dict[str, object]]:
     return out
 
 
+async def _send(sock: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = sock.send(view)
+        except BlockingIOError:
+            await anyio.wait_writable(sock)
+            continue
+        view = view[n:]
+
+
 class FuseBackend:
     """Branches as ``@<id>`` directories of one pyfuse3 copy-on-write mount.
 
@@ -142,7 +153,7 @@ class FuseBackend:
         self._state: Path | None = None
         self._mnt: Path | None = None
         self._proc: Process | None = None
-        self._stream: SocketStream | None = None
+        self._stream: socket.socket | None = None  # non-blocking; see _send and _receive
         self._buf = b""
         self._rid = 0
         self._ids: dict[str, int] = {}
@@ -229,7 +240,8 @@ class FuseBackend:
         finally:
             theirs.close()
             os.close(log_fd)
-        self._stream = await SocketStream.from_socket(ours)
+        ours.setblocking(False)
+        self._stream = ours
         try:
             with anyio.fail_after(self._start_timeout):
                 hello = await self._receive()
@@ -273,7 +285,7 @@ class FuseBackend:
             if graceful and stream is not None:
                 with anyio.move_on_after(self._stop_timeout):
                     with contextlib.suppress(Exception):
-                        await stream.send(encode({"id": 0, "op": "shutdown"}))
+                        await _send(stream, encode({"id": 0, "op": "shutdown"}))
                     await proc.wait()
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -286,7 +298,8 @@ class FuseBackend:
                 await proc.wait()
         finally:
             if stream is not None:
-                await stream.aclose()
+                anyio.notify_closing(stream)
+                stream.close()
             with contextlib.suppress(OSError, subprocess.SubprocessError):
                 await proc.aclose()
             if self._mnt is not None:
@@ -296,13 +309,21 @@ class FuseBackend:
     # -- requests ---------------------------------------------------------------------------------
 
     async def _receive(self) -> dict[str, Any]:
-        assert self._stream is not None
+        # The raw socket and wait_readable, not a SocketStream: a request's round trip is
+        # most of a fork's cost, and this path is 50-60 us shorter per request here.
+        sock = self._stream
+        assert sock is not None
         while b"\n" not in self._buf:
             try:
-                data = await self._stream.receive(1 << 16)
-            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError) as exc:
+                data = sock.recv(1 << 16)
+            except BlockingIOError:
+                await anyio.wait_readable(sock)
+                continue
+            except OSError as exc:
                 raise BackendError(
                     f"the FUSE server process went away (see {self._log_path()})") from exc
+            if not data:
+                raise BackendError(f"the FUSE server process went away (see {self._log_path()})")
             self._buf += data
         line, self._buf = self._buf.split(b"\n", 1)
         return dict(json.loads(line))
@@ -314,7 +335,11 @@ class FuseBackend:
             with anyio.CancelScope(shield=True):  # never leave an answer unread
                 self._rid += 1
                 rid = self._rid
-                await self._stream.send(encode({"id": rid, "op": op, **args}))
+                try:
+                    await _send(self._stream, encode({"id": rid, "op": op, **args}))
+                except OSError as exc:
+                    raise BackendError(
+                        f"the FUSE server process went away (see {self._log_path()})") from exc
                 while True:
                     reply = await self._receive()
                     if reply.get("id") == rid:

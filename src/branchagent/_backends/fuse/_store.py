@@ -217,7 +217,7 @@ class Store:
         self.gen = max([0, *gens_on_disk])
         self._link_sparse()
         self._new_gen(self._scan_base())
-        self.gc()
+        self.gc(strays=True)
         return lost
 
     def _link_sparse(self) -> None:
@@ -301,19 +301,24 @@ class Store:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.base_dir, f"{g}.json"))
 
-    def gc(self) -> None:
-        """Remove layers and base generations no branch references."""
+    @staticmethod
+    def _discard(path: str) -> None:
+        with contextlib.suppress(OSError):
+            rmtree(path)
+
+    def gc(self, *, strays: bool = False) -> None:
+        """Remove layers and base generations no branch references (``strays``: also
+        layer directories the store does not know, as after a crash; at open only)."""
         used = {layer.id for b in self.branches.values() for layer in b.layers}
         for lid in [lid for lid in self.layers if lid not in used]:
             layer = self.layers.pop(lid)
             layer.release()
             self.digests.forget_under(layer.dir)
-            with contextlib.suppress(OSError):
-                rmtree(layer.dir)
-        for n in os.listdir(self.layers_dir):
-            if n not in used and n not in self.layers:
-                with contextlib.suppress(OSError):
-                    rmtree(os.path.join(self.layers_dir, n))
+            self._discard(layer.dir)
+        if strays:
+            for n in os.listdir(self.layers_dir):
+                if n not in used and n not in self.layers:
+                    self._discard(os.path.join(self.layers_dir, n))
         gens = {b.gen for b in self.branches.values() if b.gen is not None} | {self.gen}
         for g in [g for g in self.gens if g not in gens]:
             del self.gens[g]
@@ -555,8 +560,7 @@ class Store:
             p.epoch += 1
             self.hooks.merged(p, job.merged)
             self._forget(b)
-            with contextlib.suppress(OSError):
-                rmtree(os.path.join(self.branches_dir, str(b.id)))
+            self._discard(os.path.join(self.branches_dir, str(b.id)))
         self.gc()
         return job.changes
 
@@ -565,9 +569,8 @@ class Store:
         if bid is None:
             return
         b = self.branches[bid]
+        self._discard(os.path.join(self.branches_dir, str(bid)))  # first: never comes back
         self._forget(b)
-        with contextlib.suppress(OSError):
-            rmtree(os.path.join(self.branches_dir, str(bid)))
         self.gc()
 
     def _forget(self, b: BranchRec) -> None:
