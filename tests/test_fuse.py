@@ -390,3 +390,51 @@ async def test_a_paused_commit_stalls_only_its_own_branch(
     for i in range(5):
         assert (repo / f"a{i}.txt").read_text() == f"a{i}\n"
     assert not (repo / "new.txt").exists()
+
+
+async def test_fork_after_outside_writes_sees_exactly_them(repo: Path) -> None:
+    """A top-level fork after writes into the base from outside rescans only what the
+    watch saw written; the fork's snapshot must still be the base exactly: reverting an
+    outside edit, deleting an outside-made file and keeping an outside delete all commit
+    as they should."""
+    base = repo / "tree"
+    (base / "d" / "y").mkdir(parents=True)
+    (base / "d" / "y" / "z.txt").write_text("z\n")
+    (base / "e").mkdir()
+    (base / "e" / "w.txt").write_text("w\n")
+    (base / "x.txt").write_text("old\n")
+    async with fuse_workspace(repo) as ws:
+        first = await ws.fork()  # the base is scanned; the watch is on
+        await first.abort()
+        (base / "x.txt").write_text("edited outside\n")
+        (base / "n" / "m" / "k").mkdir(parents=True)  # a new tree, made in one go
+        (base / "n" / "m" / "k" / "deep.txt").write_text("deep\n")
+        os.rename(base / "d", repo.parent / "moved-out")  # one event; its subtree is gone too
+        os.rename(base / "e", base / "f")
+        os.chmod(base / "f" / "w.txt", 0o600)
+        b = await ws.fork()
+        assert await b.changes() == []
+        assert (b.path / "tree" / "n" / "m" / "k" / "deep.txt").read_text() == "deep\n"
+        (b.path / "tree" / "x.txt").write_text("old\n")  # back to what it was before
+        (b.path / "tree" / "n" / "m" / "k" / "deep.txt").unlink()
+        (b.path / "tree" / "f" / "w.txt").write_text("w2\n")
+        (b.path / "tree" / "d" / "y").mkdir(parents=True)  # as it was before it moved out
+        (b.path / "tree" / "d" / "y" / "z.txt").write_text("z\n")
+        kinds = {c.path: c.kind for c in await b.changes()}
+        assert kinds == {"tree/x.txt": ba.ChangeKind.MODIFIED,
+                         "tree/n/m/k/deep.txt": ba.ChangeKind.DELETED,
+                         "tree/f/w.txt": ba.ChangeKind.MODIFIED,
+                         "tree/d": ba.ChangeKind.ADDED, "tree/d/y": ba.ChangeKind.ADDED,
+                         "tree/d/y/z.txt": ba.ChangeKind.ADDED}
+        await b.commit()
+        assert (base / "x.txt").read_text() == "old\n"
+        assert not (base / "n" / "m" / "k" / "deep.txt").exists()
+        assert (base / "f" / "w.txt").read_text() == "w2\n"
+        assert (base / "d" / "y" / "z.txt").read_text() == "z\n"
+        # An outside write after the fork is still the parent's change: a conflict.
+        c = await ws.fork()
+        (c.path / "tree" / "f" / "w.txt").write_text("ours\n")
+        (base / "f" / "w.txt").write_text("theirs\n")
+        with pytest.raises(ba.ConflictError):
+            await c.commit()
+        assert (base / "f" / "w.txt").read_text() == "theirs\n"

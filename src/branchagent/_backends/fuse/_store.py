@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import stat
 import time
@@ -76,6 +77,7 @@ from ._watch import BaseWatch
 __all__ = ["BranchRec", "CommitJob", "Hooks", "Store"]
 
 _AS_ROOT = os.geteuid() == 0
+log = logging.getLogger("branchagent.fuse")
 
 
 @attrs.define(eq=False)
@@ -187,6 +189,7 @@ class Store:
         for d in (self.layers_dir, self.branches_dir, self.base_dir):
             os.makedirs(d, exist_ok=True)
         lost: list[str] = []
+        unsnapped: list[BranchRec] = []
         metas = []
         for entry in sorted(os.listdir(self.branches_dir)):
             meta = os.path.join(self.branches_dir, entry, "meta.json")
@@ -207,6 +210,8 @@ class Store:
             if rec.gen is not None and rec.gen not in self.gens:
                 try:
                     self.gens[rec.gen] = self._read_gen(rec.gen)
+                except FileNotFoundError:  # forked just before a crash: written after answering
+                    unsnapped.append(rec)
                 except (OSError, ValueError, KeyError, TypeError):
                     lost.append(rec.name)
                     rmtree(os.path.join(self.branches_dir, str(rec.id)))
@@ -214,9 +219,15 @@ class Store:
             self.branches[rec.id] = rec
             self.by_name[rec.name] = rec.id
             self.next_id = max(self.next_id, rec.id + 1)
-        self.gen = max([0, *gens_on_disk])
+        self.gen = max([0, *gens_on_disk,
+                        *(b.gen for b in self.branches.values() if b.gen is not None)])
         self._link_sparse()
         self._new_gen(self._scan_base())
+        for rec in unsnapped:  # the base as it is now stands in for the base at its fork
+            log.warning("branch %r: base manifest of its fork missing; using the base now",
+                        rec.name)
+            rec.gen = self.gen
+            self._save(rec)
         self.gc(strays=True)
         return lost
 
@@ -272,11 +283,6 @@ class Store:
     def _gen_path(self, gen: int) -> str:
         return os.path.join(self.base_dir, f"{gen}.json")
 
-    def _save_gen(self, gen: int) -> None:
-        if gen in self.unsaved:
-            write_gen(self._gen_path(gen), self.gens[gen])
-            self.unsaved.discard(gen)
-
     def take_unsaved(self) -> list[tuple[str, Manifest]]:
         """Generations to write (in a worker thread: they are never changed once made)."""
         jobs = [(self._gen_path(g), self.gens[g]) for g in sorted(self.unsaved)
@@ -291,20 +297,64 @@ class Store:
         return manifest
 
     def _refresh_base(self) -> None:
-        """Rescan the base if anything wrote into it since the last scan (outside writes)."""
-        if self.watch.take_dirty():
-            self._new_gen(self._scan_base())
-            used = {b.gen for b in self.branches.values()} | {self.gen}
-            for g in [g for g in self.gens if g not in used]:
-                del self.gens[g]
-                self.unsaved.discard(g)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self.base_dir, f"{g}.json"))
+        """Bring the base manifest up to date with outside writes since the last scan:
+        rescan the paths the watch saw written (and below the directories among them),
+        or the whole base when it cannot say which."""
+        changed = self.watch.take_changes()
+        if changed == set():
+            return
+        patched = None if changed is None else self._patch_base(self.gens[self.gen], changed)
+        self._new_gen(self._scan_base() if patched is None else patched)
+        used = {b.gen for b in self.branches.values()} | {self.gen}
+        for g in [g for g in self.gens if g not in used]:
+            del self.gens[g]
+            self.unsaved.discard(g)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.base_dir, f"{g}.json"))
 
     @staticmethod
     def _discard(path: str) -> None:
         with contextlib.suppress(OSError):
             rmtree(path)
+
+    def _patch_base(self, old: Manifest, changed: set[str]) -> Manifest | None:
+        """``old`` with ``changed`` paths rescanned (None: too many; rescan everything)."""
+        if len(changed) > max(64, len(old) // 8):
+            return None
+        new = dict(old)
+        dirs = [p for p in changed if (e := old.get(p)) is not None and e.type is EntryType.DIR]
+        for p in changed:
+            new.pop(p, None)
+        if dirs:  # a directory removed, replaced or made: what was below it goes too
+            prefixes = tuple(p + "/" for p in dirs)
+            for k in [k for k in new if k.startswith(prefixes)]:
+                del new[k]
+        watch: list[str] = []
+        for p in sorted(changed, key=_depth_key):
+            if p in new:
+                continue  # found by the scan of a directory above it
+            parent = parent_of(p)
+            if parent and (pe := new.get(parent)) is not None and pe.type is not EntryType.DIR:
+                continue
+            real = os.path.join(self.root, p)
+            try:
+                st = os.lstat(real)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                below, _ = scan(Path(real))
+                new[p] = Entry(EntryType.DIR, stat.S_IMODE(st.st_mode), uid=st.st_uid,
+                               gid=st.st_gid)
+                for q, e in below.items():
+                    new[f"{p}/{q}"] = e
+                watch.append(p)
+                watch.extend(f"{p}/{q}" for q, e in below.items() if e.type is EntryType.DIR)
+            else:
+                e = _entry_at(real, st)
+                if e is not None:
+                    new[p] = e
+        self.watch.watch(watch)
+        return new
 
     def gc(self, *, strays: bool = False) -> None:
         """Remove layers and base generations no branch references (``strays``: also
@@ -383,7 +433,7 @@ class Store:
             self._refresh_base()
             top = self._new_layer(os.stat(self.root))
             rec = BranchRec(bid, name, None, [top], nsnap=0, gen=self.gen)
-            self._save_gen(self.gen)  # before the branch that needs it is on disk
+            # (its base manifest is written after answering; see load() for a crash between)
         else:
             p = self.get(parent)
             old_top = p.layers[0]
@@ -661,6 +711,24 @@ def _patched(base: Manifest, paths: set[str], ours: Manifest) -> Manifest:
         for k in [k for k in new if k.startswith(prefixes)]:
             del new[k]
     return new
+
+
+def _entry_at(real: str, st: os.stat_result) -> Entry | None:
+    """The manifest entry of the non-directory at ``real`` (as ``scan`` makes it)."""
+    mode = st.st_mode
+    perm = stat.S_IMODE(mode)
+    try:
+        if stat.S_ISREG(mode):
+            return Entry(EntryType.FILE, perm, st.st_mtime_ns, st.st_size, hash_file(real),
+                         uid=st.st_uid, gid=st.st_gid)
+        if stat.S_ISLNK(mode):
+            return Entry(EntryType.SYMLINK, 0o777, target=os.readlink(real),
+                         uid=st.st_uid, gid=st.st_gid)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISFIFO(mode):
+        return Entry(EntryType.FIFO, perm, uid=st.st_uid, gid=st.st_gid)
+    return None
 
 
 def _chown(real: str, e: Entry) -> None:

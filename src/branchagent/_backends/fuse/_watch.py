@@ -58,6 +58,8 @@ class BaseWatch:
         self.broken = False
         self.on_change: Callable[[list[str]], None] = lambda paths: None
         self._dirty = False
+        self._changed: set[str] = set()  # paths named since the last take_*
+        self._lost = False  # events were lost (queue overflow): anything may have changed
         self._wds: dict[int, str] = {}
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         self._add: Any = getattr(libc, "inotify_add_watch", None)
@@ -113,6 +115,7 @@ class BaseWatch:
                 pos += _EVENT.size + length
                 if mask & _IN_Q_OVERFLOW:
                     paths.append("")  # lost events: everything may have changed
+                    self._lost = True
                     continue
                 base = self._wds.get(wd)
                 if mask & _IN_IGNORED:
@@ -127,15 +130,22 @@ class BaseWatch:
                     self._watch_one(rel)  # a new directory: watch it too
         if paths:
             self._dirty = True
+            self._changed.update(paths)
             self.on_change(paths)
         return paths
 
     def take_dirty(self) -> bool:
         """Whether the base changed since the last call (reads pending events first)."""
+        return self.take_changes() != set()
+
+    def take_changes(self) -> set[str] | None:
+        """The paths written since the last call (reads pending events first); None when
+        that is not known (events lost, or no inotify): then anything may have changed."""
         self.read()
-        dirty = self._dirty or self.broken
-        self._dirty = False
-        return dirty
+        changed = None if self.broken or self._lost or "" in self._changed else self._changed
+        self._dirty = self._lost = False
+        self._changed = set()
+        return changed
 
     def close(self) -> None:
         if self.fd >= 0:
