@@ -23,6 +23,7 @@ import anyio
 import pytest
 
 import branchagent as ba
+from _support import snapshot
 from branchagent import testing
 from branchagent._backends.fuse import FuseBackend
 from branchagent._backends.fuse._backend import check_available, is_mounted
@@ -438,3 +439,86 @@ async def test_fork_after_outside_writes_sees_exactly_them(repo: Path) -> None:
         with pytest.raises(ba.ConflictError):
             await c.commit()
         assert (base / "f" / "w.txt").read_text() == "theirs\n"
+
+
+# -- a nested commit interrupted by a crash -----------------------------------------------------
+
+
+@pytest.mark.parametrize("step", [1, 2, 8, 14])
+async def test_nested_commit_killed_midway_is_finished_at_open(
+        repo: Path, monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """SIGKILL the filesystem process at a step of a nested commit (1: right after its
+    plan is written; 14: after its last step); the next open finishes the merge: the
+    parent is exactly as after the commit, the child is gone, and the parent commits."""
+    state = repo.parent / "state"
+    (repo / "tree" / "sub").mkdir(parents=True)
+    for i in range(12):
+        (repo / "tree" / f"f{i}.txt").write_text(f"f{i}\n")
+    (repo / "tree" / "sub" / "a.txt").write_text("a\n")
+    monkeypatch.setenv("BRANCHAGENT_FUSE_FAULT", f"kill:{step}")
+    async with ba.open_workspace(repo, backend=FuseBackend(), state_dir=state,
+                                 keep_branches=True) as ws:
+        p = await ws.fork("parent")
+        (p.path / "tree" / "f0.txt").write_text("parent's\n")
+        c = await p.fork("child")
+        for i in range(1, 6):
+            (c.path / "tree" / f"f{i}.txt").write_text(f"child's f{i}\n")
+        (c.path / "tree" / "new" / "deep").mkdir(parents=True)
+        (c.path / "tree" / "new" / "deep" / "x.txt").write_text("x\n")
+        (c.path / "tree" / "f6.txt").unlink()
+        (c.path / "tree" / "sub" / "a.txt").unlink()
+        (c.path / "tree" / "sub").rmdir()
+        (c.path / "tree" / "ln").symlink_to("f7.txt")
+        (c.path / "tree" / "f8.txt").chmod(0o600)
+        want = _with_modes(c.path)
+        before = _with_modes(p.path)
+        assert want != before
+        pid = ws.backend.server_pid  # type: ignore[attr-defined]
+        with pytest.raises(ba.BranchAgentError):
+            await c.commit()
+        assert pid is not None
+        assert _wait(lambda: not _alive(pid), 10)
+    monkeypatch.delenv("BRANCHAGENT_FUSE_FAULT")
+    async with ba.open_workspace(repo, backend=FuseBackend(), state_dir=state) as ws:
+        assert [b.name for b in ws.branches()] == ["parent"]
+        (p,) = ws.branches()
+        assert _with_modes(p.path) == want
+        await p.commit()
+    assert _with_modes(repo) == want
+
+
+def _with_modes(root: Path) -> dict[str, tuple[bytes | str, int]]:
+    """:func:`snapshot` plus every entry's permission bits."""
+    return {rel: (v, os.lstat(root / rel).st_mode & 0o7777) for rel, v in snapshot(root).items()}
+
+
+async def test_hundreds_of_branches_written_by_concurrent_processes(repo: Path) -> None:
+    """200 branches open at once, each written by its own process, 25 processes at a time:
+    each branch holds exactly its own writes, the base none until one branch commits."""
+    n = 200
+    async with fuse_workspace(repo) as ws:
+        branches = [await ws.fork(f"b{i}") for i in range(n)]
+        assert len({b.path for b in branches}) == n
+        limiter = anyio.CapacityLimiter(25)
+        script = ('for k in 1 2 3 4 5; do echo "$1 $k" >> "$2/out.txt"; done; '
+                  'mkdir -p "$2/d/$1" && echo mine > "$2/d/$1/f" && rm "$2/README.md"')
+
+        async def write(i: int) -> None:
+            async with limiter:
+                await anyio.run_process(["sh", "-ec", script, "sh", str(i),
+                                         os.fspath(branches[i].path)])
+
+        async with anyio.create_task_group() as tg:
+            for i in range(n):
+                tg.start_soon(write, i)
+        for i, b in enumerate(branches):
+            assert (b.path / "out.txt").read_text() == "".join(f"{i} {k}\n" for k in range(1, 6))
+            assert os.listdir(b.path / "d") == [str(i)]
+            assert not (b.path / "README.md").exists()
+        assert (repo / "README.md").exists()
+        assert not (repo / "out.txt").exists()
+        await branches[123].commit()
+        assert all(b.state is ba.BranchState.INVALIDATED for b in branches if b.name != "b123")
+    assert (repo / "out.txt").read_text().startswith("123 1\n")
+    assert os.listdir(repo / "d") == ["123"]
+    assert not (repo / "README.md").exists()

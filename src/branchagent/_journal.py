@@ -40,7 +40,7 @@ from ._branch import EntryType
 from ._manifest import Entry, parent_of
 from .exceptions import CommitFailed, PathEscapeError, WorkspaceCorrupt
 
-__all__ = ["Op", "OpKind", "apply", "build_plan", "recover"]
+__all__ = ["Op", "OpKind", "apply", "build_plan", "fault", "recover", "write_durable"]
 
 log = structlog.get_logger("branchagent.journal")
 
@@ -52,6 +52,16 @@ FAULT_HOOK: Callable[[str], None] | None = None
 def _fault(step: str) -> None:
     if FAULT_HOOK is not None:
         FAULT_HOOK(step)
+
+
+def fault(step: str) -> None:
+    """Call :data:`FAULT_HOOK` (crash tests) at ``step`` of another crash-safe procedure."""
+    _fault(step)
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    """Write ``path`` whole and fsync it and its directory (a crash leaves it or nothing)."""
+    _write_durable(path, data)
 
 
 class OpKind(enum.Enum):

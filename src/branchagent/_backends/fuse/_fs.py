@@ -478,13 +478,14 @@ class BranchFS(pyfuse3.Operations):
             raise _err(errno.EPERM)
         node = self._node(inode)
         target: str | int
+        sp: Sparse | None = None  # told of a new size after the cut (see Sparse.truncated)
         if node.detached or node.bid not in self.store.branches:
             if not node.handles:
                 raise _err(errno.ENOENT)
             h = self.handles[next(iter(node.handles))]
             target = h.fd
-            if fields.update_size and h.sparse is not None and not h.sparse.done:
-                h.sparse.truncated(attr.st_size)
+            if h.sparse is not None and not h.sparse.done:
+                sp = h.sparse
         else:
             b = self._branch(node)
             view = self._view(b)
@@ -498,8 +499,6 @@ class BranchFS(pyfuse3.Operations):
                     view.copy_up(f, size=keep)
                 target = f.real
                 sp = view.top.sparse.get(f.path)
-                if size is not None and sp is not None:
-                    sp.truncated(size)
             view.top.dirty = True
             b.epoch += 1
         if fields.update_size:
@@ -507,6 +506,8 @@ class BranchFS(pyfuse3.Operations):
                 os.ftruncate(target, attr.st_size)
             else:
                 os.truncate(target, attr.st_size)
+            if sp is not None:
+                sp.truncated(attr.st_size)
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
@@ -751,10 +752,10 @@ class BranchFS(pyfuse3.Operations):
             view.copy_up(f, size=0 if flags & os.O_TRUNC else None)
             b.epoch += 1
         sp = f.layer.sparse.get(f.path) if f.layer is not None else None
-        if sp is not None and flags & os.O_TRUNC and f.layer is view.top:
-            sp.truncated(0)
-            sp = None
         fd = os.open(f.real, (flags & ~_OPEN_DROP) | os.O_NOFOLLOW | os.O_CLOEXEC)
+        if sp is not None and flags & os.O_TRUNC and f.layer is view.top:
+            sp.truncated(0)  # (after the cut: see Sparse.truncated)
+            sp = None
         fh = self._add_handle(fd, flags, node, f.real, sp)
         # Below the top layer a file never changes in place (a write copies it up, a merge
         # gives the path a new inode, outside writes into the base are invalidated).

@@ -210,7 +210,9 @@ class Sparse:
             self._finish()
 
     def truncated(self, size: int) -> None:
-        """The real file is about to be cut (or grown) to ``size``."""
+        """The real file was just cut (or grown) to ``size``. Logged after the cut: the real
+        file is never shorter than ``limit`` otherwise, so after a crash in between the
+        record's limit is lowered to the file's size on load (:meth:`Layer.drop_missing`)."""
         if size < self.limit:
             self.limit = size
             self.present = {c for c in self.present if c * CHUNK < size}
@@ -338,14 +340,17 @@ class Layer:
         os.write(self._sparse_fd, json.dumps(rec).encode() + b"\n")
 
     def drop_missing(self) -> None:
-        """Forget records whose file is gone (a crash between an unlink and its log line)."""
+        """After a crash: forget records whose file is gone (an unlink before its log line)
+        and lower limits to the file's size (a truncate before its log line)."""
         for p in list(self.sparse):
             try:
-                ok = stat.S_ISREG(os.lstat(self.real(p)).st_mode)
+                st = os.lstat(self.real(p))
             except OSError:
-                ok = False
-            if not ok:
+                st = None
+            if st is None or not stat.S_ISREG(st.st_mode):
                 self.sparse.pop(p).close()
+            elif st.st_size < self.sparse[p].limit:
+                self.sparse[p].limit = st.st_size
 
     def sparse_under(self, path: str) -> list[Sparse]:
         return [sp for p, sp in self.sparse.items() if _under(p, path)]

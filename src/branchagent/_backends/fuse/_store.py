@@ -24,9 +24,11 @@ Commits. Conflicts and the paths to write come from :mod:`.._manifest`
 (``find_conflicts``, ``merge_paths``) over manifests of the views. A commit into
 the base is a journaled apply (:func:`.._journal.apply`) whose sources are the
 branch's layer files, so data moves by rename. A nested commit moves the
-branch's files into the parent's top layer by rename; it is not journaled: a
-crash of the filesystem process in its middle can leave the parent branch
-(never the base) half-merged.
+branch's files into the parent's top layer by rename, after writing its plan
+(``merge.json`` in that layer: the child, the paths, the wanted entries and
+their sources) durably; every step is one that can be done again, so when the
+filesystem process dies in the middle, the next open finishes the merge (roll
+forward) and the parent is exactly as after the commit.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ __all__ = ["BranchRec", "CommitJob", "Hooks", "Store"]
 
 _AS_ROOT = os.geteuid() == 0
 log = logging.getLogger("branchagent.fuse")
+MERGE_PLAN = "merge.json"  # a nested commit's plan, in the parent's top layer
 
 
 @attrs.define(eq=False)
@@ -222,6 +225,7 @@ class Store:
         self.gen = max([0, *gens_on_disk,
                         *(b.gen for b in self.branches.values() if b.gen is not None)])
         self._link_sparse()
+        self._finish_merges()
         self._new_gen(self._scan_base())
         for rec in unsnapped:  # the base as it is now stands in for the base at its fork
             log.warning("branch %r: base manifest of its fork missing; using the base now",
@@ -611,6 +615,8 @@ class Store:
             self.hooks.merged(p, job.merged)
             self._forget(b)
             self._discard(os.path.join(self.branches_dir, str(b.id)))
+            with contextlib.suppress(FileNotFoundError):  # after the child: see _finish_merges
+                os.unlink(os.path.join(p.layers[0].dir, MERGE_PLAN))
         self.gc()
         return job.changes
 
@@ -629,21 +635,34 @@ class Store:
         self.hooks.gone(b.id)
 
     def _merge(self, p: BranchRec, b: BranchRec, paths: set[str], ours: Manifest,
-               reals: dict[str, str]) -> list[str]:
+               reals: dict[str, str], *, redo: bool = False) -> list[str]:
         """Make ``p``'s view hold ``ours`` on ``paths``, in ``p``'s top layer; return the
-        paths it wrote (for the filesystem to invalidate)."""
+        paths it wrote (for the filesystem to invalidate). The plan is written first;
+        ``redo``: finish one a crash interrupted (see the module docstring)."""
         view = self.view(p)
         top = view.top
+        if not redo:
+            plan = {"child": b.id, "paths": sorted(paths),
+                    "ours": {q: e.to_json() for q, e in ours.items() if q in paths},
+                    "reals": {q: r for q, r in reals.items() if q in paths}}
+            _journal.write_durable(Path(top.dir) / MERGE_PLAN, json.dumps(plan).encode())
+        _journal.fault("merge-intent")
         movable = tuple(layer.tree + "/" for layer in b.own_layers())
         dirs: list[tuple[str, Entry]] = []
         done: list[str] = []
-        for q in sorted(paths, key=_depth_key):
+        for i, q in enumerate(sorted(paths, key=_depth_key)):
+            if i:
+                _journal.fault(f"merge:{i - 1}")
             want = ours.get(q)
             parent_path = parent_of(q)
             if parent_path:
                 pf = view.resolve(parent_path)
                 if pf is None or not pf.is_dir:
                     continue  # below a directory this merge removed or replaced
+            if (want is not None and want.type is EntryType.FILE
+                    and reals[q].startswith(movable) and not os.path.lexists(reals[q])):
+                done.append(q)
+                continue  # moved before a crash: this step is done
             have = view.resolve(q)
             done.append(q)
             if want is None:
@@ -682,7 +701,33 @@ class Store:
             real = top.real(q)
             os.chmod(real, want.mode)
         top.dirty = True
+        _journal.fault("merge-done")
         return done
+
+    def _finish_merges(self) -> None:
+        """At open: finish nested commits a crash interrupted (their plans are in the
+        parents' top layers), then forget the children they committed."""
+        for p in list(self.branches.values()):
+            plan_path = os.path.join(p.layers[0].dir, MERGE_PLAN)
+            try:
+                with open(plan_path) as f:
+                    plan = json.load(f)
+            except FileNotFoundError:
+                continue
+            except ValueError:  # torn while it was written: no step had been taken yet
+                plan = {"child": -1}
+            child = self.branches.get(int(plan["child"]))
+            if child is not None:
+                log.warning("finishing the commit of %r into %r interrupted by a crash",
+                            child.name, p.name)
+                ours = {q: Entry.from_json(e) for q, e in plan["ours"].items()}
+                self._merge(p, child, set(plan["paths"]), ours, dict(plan["reals"]),
+                            redo=True)
+                self.branches.pop(child.id)
+                self.by_name.pop(child.name, None)
+                self._discard(os.path.join(self.branches_dir, str(child.id)))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(plan_path)
 
     def resolve(self, b: BranchRec, path: str) -> Found | None:
         return self.view(b).resolve(path)
