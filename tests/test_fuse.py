@@ -358,7 +358,7 @@ async def test_a_paused_commit_stalls_only_its_own_branch(
     monkeypatch.setenv("BRANCHAGENT_FUSE_FAULT", f"wait:2:{go}")  # stop after the first op
     async with fuse_workspace(repo) as ws:
         a = await ws.fork("a")
-        for i in range(5):
+        for i in range(40):  # big enough for the commit's work to leave the FUSE thread
             (a.path / f"a{i}.txt").write_text(f"a{i}\n")
         other = await ws.fork("other")
         seen: dict[str, object] = {}
@@ -385,10 +385,10 @@ async def test_a_paused_commit_stalls_only_its_own_branch(
             tg.start_soon(anyio.to_thread.run_sync, gated)
             await anyio.sleep(0.5)
             assert "exists" not in seen, "a request for the committing branch was not held"
-            assert not (repo / "a4.txt").exists() or not (repo / "a0.txt").exists()
+            assert not (repo / "a39.txt").exists() or not (repo / "a0.txt").exists()
             go.touch()
         assert seen["exists"] is False  # answered after the commit: the branch is gone
-    for i in range(5):
+    for i in range(40):
         assert (repo / f"a{i}.txt").read_text() == f"a{i}\n"
     assert not (repo / "new.txt").exists()
 

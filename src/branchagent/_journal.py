@@ -40,7 +40,8 @@ from ._branch import EntryType
 from ._manifest import Entry, parent_of
 from .exceptions import CommitFailed, PathEscapeError, WorkspaceCorrupt
 
-__all__ = ["Op", "OpKind", "apply", "build_plan", "fault", "recover", "write_durable"]
+__all__ = ["Op", "OpKind", "apply", "build_plan", "fault", "recover", "remove_tree",
+           "write_durable"]
 
 log = structlog.get_logger("branchagent.journal")
 
@@ -269,10 +270,48 @@ def _release(paths: object) -> None:
     for raw in paths if isinstance(paths, list) else []:
         path = str(raw)
         if os.path.isdir(path) and not os.path.islink(path):
-            for dirpath, _dirs, _files in os.walk(path):
-                with contextlib.suppress(OSError):
-                    os.chmod(dirpath, 0o700)
-            shutil.rmtree(path, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                remove_tree(path)
+
+
+def remove_tree(path: str) -> None:
+    """Remove ``path`` and everything below it without following symlinks; directories
+    without write or search permission are opened (chmod 700) as they are met. No error
+    when ``path`` is already gone. (One scandir per directory, no per-file stat.)"""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        return
+    stack, dirs = [path], []
+    while stack:
+        d = stack.pop()
+        dirs.append(d)
+        try:
+            it = os.scandir(d)
+        except PermissionError:
+            os.chmod(d, 0o700)
+            it = os.scandir(d)
+        with it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                    continue
+                try:
+                    os.unlink(e.path)
+                except PermissionError:
+                    os.chmod(d, 0o700)
+                    os.unlink(e.path)
+                except FileNotFoundError:
+                    pass
+    for d in reversed(dirs):
+        try:
+            os.rmdir(d)
+        except PermissionError:
+            os.chmod(os.path.dirname(d), 0o700)
+            os.rmdir(d)
 
 
 def _lexists(path: Path) -> bool:

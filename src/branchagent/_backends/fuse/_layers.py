@@ -39,13 +39,13 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import stat
 import time
 from collections.abc import Iterable, Iterator
 
 import attrs
 
+from ... import _journal
 from ..._branch import EntryType
 from ..._manifest import RACY_MARGIN_NS, Entry, Manifest, hash_file
 
@@ -827,14 +827,8 @@ def copy_metadata(src: str | None, dst: str, st: os.stat_result, *,
 
 
 def rmtree(path: str) -> None:
-    """Remove a tree, also below directories without write permission."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        for dirpath, _dirs, _files in os.walk(path):
-            with contextlib.suppress(OSError):
-                os.chmod(dirpath, 0o700)
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
+    """Remove a tree (or a file), also below directories without write permission."""
+    _journal.remove_tree(path)
 
 
 # -- manifests of views -------------------------------------------------------------------------

@@ -59,9 +59,13 @@ async def _commit(store: Store, fs: BranchFS, req: dict[str, Any]) -> object:
     """A commit whose heavy part runs in a worker thread: requests for the branch and its
     parent wait for it, every other branch is served meanwhile."""
     job = store.commit_prepare(str(req["name"]), req.get("parent"))
-    async with fs.busy(job.busy):
-        await trio.to_thread.run_sync(store.commit_work, job)
+    if not job.heavy:  # a few small files: less work than the hop to a thread
+        store.commit_work(job)
         changes = store.commit_finish(job)
+    else:
+        async with fs.busy(job.busy):
+            await trio.to_thread.run_sync(store.commit_work, job)
+            changes = store.commit_finish(job)
     return [change_to_json(c) for c in changes]
 
 

@@ -81,6 +81,9 @@ __all__ = ["BranchRec", "CommitJob", "Hooks", "Store"]
 _AS_ROOT = os.geteuid() == 0
 log = logging.getLogger("branchagent.fuse")
 MERGE_PLAN = "merge.json"  # a nested commit's plan, in the parent's top layer
+#: A top-level commit at most this big runs inline (a thread hop costs more than it).
+SMALL_COMMIT_PATHS = 32
+SMALL_COMMIT_BYTES = 1 << 20
 
 
 @attrs.define(eq=False)
@@ -118,6 +121,7 @@ class CommitJob:
     below: View
     rescan: bool
     busy: tuple[int, ...]
+    heavy: bool = True  # run commit_work in a worker thread (else inline: a small commit)
     changes: list[Change] = attrs.Factory(list)
     new_base: Manifest | None = None
     merged: list[str] = attrs.Factory(list)
@@ -547,7 +551,25 @@ class Store:
             assert b.gen is not None
             rescan = b.gen != self.gen or self.watch.take_dirty()
         busy = (b.id,) if p is None else (b.id, p.id)
-        return CommitJob(b=b, p=p, paths=paths, below=below, rescan=rescan, busy=busy)
+        heavy = p is not None or rescan or self._heavy(b, paths)
+        return CommitJob(b=b, p=p, paths=paths, below=below, rescan=rescan, busy=busy,
+                         heavy=heavy)
+
+    def _heavy(self, b: BranchRec, paths: set[str]) -> bool:
+        """Whether a top-level commit of ``paths`` has enough to read or move that it should
+        not run on the thread answering FUSE requests (many paths, much data)."""
+        if len(paths) > SMALL_COMMIT_PATHS:
+            return True
+        total = 0
+        for layer in b.own_layers():
+            if layer.sparse:
+                return True
+            for q in paths:
+                with contextlib.suppress(OSError):
+                    st = os.lstat(layer.real(q))
+                    if stat.S_ISREG(st.st_mode):
+                        total += st.st_size
+        return total > SMALL_COMMIT_BYTES
 
     def commit_work(self, job: CommitJob) -> None:
         """The commit's reading, checking and writing: thread-safe against requests for
