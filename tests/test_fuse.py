@@ -522,3 +522,34 @@ async def test_hundreds_of_branches_written_by_concurrent_processes(repo: Path) 
     assert (repo / "out.txt").read_text().startswith("123 1\n")
     assert os.listdir(repo / "d") == ["123"]
     assert not (repo / "README.md").exists()
+
+
+async def test_symlinks_pointing_outside_are_never_followed(repo: Path, tmp_path: Path) -> None:
+    """A branch's symlink to a directory outside the workspace: resolving through it is
+    refused, the commit places the link itself (and writes nothing outside); a base
+    directory swapped for such a link from outside makes the commit of a branch writing
+    below it fail clearly, with nothing written anywhere."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (repo / "d").mkdir()
+    async with fuse_workspace(repo) as ws:
+        b = await ws.fork()
+        (b.path / "escape").symlink_to(outside)
+        with pytest.raises(ba.PathEscapeError):
+            b.resolve("escape/x.txt")
+        await b.commit()
+        assert os.readlink(repo / "escape") == os.fspath(outside)
+        assert os.listdir(outside) == []
+
+        c = await ws.fork()
+        (c.path / "d" / "new.txt").write_text("must not leave the workspace\n")
+        os.rmdir(repo / "d")  # from outside, after the fork: d becomes a link out
+        (repo / "d").symlink_to(outside)
+        before = sorted(os.listdir(repo))
+        with pytest.raises(ba.BranchAgentError) as info:
+            await c.commit()
+        assert isinstance(info.value, ba.ConflictError | ba.PathEscapeError)
+        assert "d" in str(info.value)
+        assert os.listdir(outside) == []
+        assert sorted(os.listdir(repo)) == before
+        assert os.readlink(repo / "d") == os.fspath(outside)
