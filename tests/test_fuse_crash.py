@@ -383,10 +383,6 @@ async def test_agent_killed_at_a_random_time_in_commit(tmp_path: Path, seed: int
     await check_reopened(case, expect)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: FuseBackend._prepare runs journal recovery before _wait_unlocked(server.lock), "
-    "so a reopen right after the agent died rolls back the commit the old filesystem "
-    "process is still applying (bench/bench_fuse_crash.py shows half-applied bases)"))
 async def test_reopen_waits_for_the_old_server_before_recovering(tmp_path: Path) -> None:
     """Reopening at once after the agent died, while its filesystem process is still in
     the middle of the commit, must leave that commit alone until the process is gone:

@@ -219,8 +219,8 @@ async def test_random_writes_truncates_and_forks_match_a_model(
                     f.seek(off)
                     assert f.read(n) == model[off:off + n]
         assert (b.path / "big.bin").read_bytes() == model
-        for child, seen in snapshots:
-            assert (child.path / "big.bin").read_bytes() == seen
-            await child.abort()
+        for kid, seen in snapshots:
+            assert (kid.path / "big.bin").read_bytes() == seen
+            await kid.abort()
         await b.commit()
     assert (repo / "big.bin").read_bytes() == model

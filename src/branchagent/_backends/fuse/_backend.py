@@ -209,12 +209,17 @@ class FuseBackend:
 
     def _prepare(self, state: Path) -> None:
         fuse_dir = state / "fuse"
-        (fuse_dir / "mnt").mkdir(parents=True, exist_ok=True)
-        _journal.recover(state / "journal")
-        _wait_unlocked(fuse_dir / "server.lock", self._stop_timeout)
+        fuse_dir.mkdir(parents=True, exist_ok=True)
+        # The server of an agent that died may still be applying a commit (it finishes the
+        # request in hand, then sees the socket closed and exits); it holds server.lock
+        # until it is gone. Recovering its journal before that would roll back a commit
+        # that is still being written.
+        _wait_unlocked(fuse_dir / "server.lock", self._start_timeout)
         if is_mounted(fuse_dir / "mnt"):
             log.warning("fuse_stale_mount", path=str(fuse_dir / "mnt"))
             unmount(fuse_dir / "mnt")
+        (fuse_dir / "mnt").mkdir(exist_ok=True)
+        _journal.recover(state / "journal")
 
     async def open(self, root: Path, state_dir: Path) -> None:
         check_available()
@@ -223,10 +228,10 @@ class FuseBackend:
         self._root, self._state = root, state_dir
         self._mnt = state_dir / "fuse" / "mnt"
         await anyio.to_thread.run_sync(self._prepare, state_dir)
-        ours, theirs = socket.socketpair()
         log_fd = await anyio.to_thread.run_sync(
             lambda: os.open(self._log_path(), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
                             0o600))
+        ours, theirs = socket.socketpair()  # (no await between here and the try below)
         try:
             self._proc = await anyio.open_process(
                 [sys.executable, "-m", "branchagent._backends.fuse._server",
