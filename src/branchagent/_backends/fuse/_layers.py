@@ -228,9 +228,23 @@ class Sparse:
         st = os.lstat(real)
         fd = os.open(real, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            for c in range(self._nchunks()):
-                if c not in self.present:
-                    self._fill(fd, c)
+            plain = self.lower is None or self.lower.done  # below is a whole file
+            n = self._nchunks()
+            c = 0
+            while c < n:
+                if c in self.present:
+                    c += 1
+                    continue
+                end = c + 1
+                while end < n and end not in self.present:
+                    end += 1
+                if plain:  # a run of missing chunks: one in-kernel copy
+                    start = c * CHUNK
+                    _copy_range(self._lower_fd(), fd, start, min(end * CHUNK, self.limit) - start)
+                else:
+                    for k in range(c, end):
+                        self._fill(fd, k)
+                c = end
         finally:
             os.close(fd)
         os.utime(real, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
@@ -793,6 +807,22 @@ def copy_data(src: str, dst: str, size: int | None) -> None:
             os.close(dfd)
     finally:
         os.close(sfd)
+
+
+def _copy_range(sfd: int, dfd: int, off: int, count: int) -> None:
+    """Copy ``count`` bytes at ``off`` of ``sfd`` to the same offset of ``dfd`` (in the
+    kernel where it can; zeros past the end of the source, which the caller's file has)."""
+    done = 0
+    while done < count:
+        try:
+            n = os.copy_file_range(sfd, dfd, count - done, off + done, off + done)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            n = _copy_slow(sfd, dfd, off + done, count - done)
+        if n == 0:
+            return  # the source is shorter: the rest stays a hole, which reads as zeros
+        done += n
 
 
 def _copy_slow(sfd: int, dfd: int, off: int, count: int) -> int:
