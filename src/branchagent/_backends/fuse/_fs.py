@@ -160,6 +160,7 @@ class BranchFS(pyfuse3.Operations):
         super().__init__()
         self.store = store
         self.nodes: dict[int, Node] = {}
+        self.by_branch: dict[int, dict[int, Node]] = {}  # branch id -> its live nodes
         self.roots: dict[int, Node] = {}
         self.handles: dict[int, Handle] = {}
         self.dirs: dict[int, DirHandle] = {}
@@ -240,9 +241,18 @@ class BranchFS(pyfuse3.Operations):
         node = Node(self._next_ino, bid, parent, name, kind)
         self._next_ino += 1
         self.nodes[node.ino] = node
+        self.by_branch.setdefault(bid, {})[node.ino] = node
         if parent is not None:
             parent.children[name] = node
         return node
+
+    def _drop_node(self, node: Node) -> None:
+        self.nodes.pop(node.ino, None)
+        mine = self.by_branch.get(node.bid)
+        if mine is not None:
+            mine.pop(node.ino, None)
+            if not mine:
+                del self.by_branch[node.bid]
 
     def _root_of(self, b: BranchRec) -> Node:
         node = self.roots.get(b.id)
@@ -312,7 +322,7 @@ class BranchFS(pyfuse3.Operations):
         if node.lookups <= 0 and not node.handles and not node.children and (
             node.detached or node.bid not in self.store.branches
         ):
-            self.nodes.pop(node.ino, None)
+            self._drop_node(node)
             if node.parent is not None and node.parent.children.get(node.name) is node:
                 del node.parent.children[node.name]
                 self._maybe_free(node.parent)
@@ -423,11 +433,11 @@ class BranchFS(pyfuse3.Operations):
     def gone(self, bid: int) -> None:
         self._pending.append((ROOT, os.fsencode(f"@{bid}")))
         self.roots.pop(bid, None)
-        for node in [n for n in self.nodes.values() if n.bid == bid]:
+        for node in list(self.by_branch.get(bid, {}).values()):
             node.detached = True
             node.children.clear()
             if node.lookups <= 0 and not node.handles:
-                self.nodes.pop(node.ino, None)
+                self._drop_node(node)
 
     # -- lookup and attributes ------------------------------------------------------------------
 
