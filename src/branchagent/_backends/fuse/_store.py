@@ -626,8 +626,8 @@ class Store:
         """Last step (on the server's thread): forget the branch, tell the filesystem."""
         b, p = job.b, job.p
         if p is None:
+            self._forget(b)  # first: the events of our own writes need not reach its nodes
             self.watch.take_dirty()  # our own writes into the base
-            self._forget(b)
             assert job.new_base is not None
             self._new_gen(job.new_base)
             if job.rescan:  # directories made outside since the last scan: watch them too
