@@ -28,10 +28,9 @@ import pyfuse3
 import trio
 
 from ... import _journal
-from ..._manifest import Manifest
 from ._fs import BranchFS
 from ._protocol import change_to_json, encode, error_to_json
-from ._store import Store, write_gen
+from ._store import Store
 
 log = logging.getLogger("branchagent.fuse")
 
@@ -112,14 +111,6 @@ async def _control(stream: trio.SocketStream, store: Store, fs: BranchFS) -> Non
                 await stream.send_all(encode(reply))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
-            jobs = store.take_unsaved()  # base manifests: written after answering
-            if jobs:
-                await trio.to_thread.run_sync(_write_gens, jobs)
-
-
-def _write_gens(jobs: list[tuple[str, Manifest]]) -> None:
-    for path, manifest in jobs:
-        write_gen(path, manifest)
 
 
 async def _watch_parent(ppid: int, scope: trio.CancelScope) -> None:
@@ -175,16 +166,11 @@ async def serve(root: str, state: str, fd: int, ppid: int) -> None:
             await stream.send_all(encode({"ready": True, "branches": dict(store.by_name),
                                           "tree": store.tree(),
                                           "lost": lost, "pid": os.getpid()}))
-            jobs = store.take_unsaved()  # the base manifest of this open, off the fork path
-            if jobs:
-                await trio.to_thread.run_sync(_write_gens, jobs)
             if not store.watch.broken:
                 nursery.start_soon(_watch_base, store, fs)
             await _control(stream, store, fs)
             nursery.cancel_scope.cancel()
     finally:
-        for path, manifest in store.take_unsaved():
-            write_gen(path, manifest)
         store.watch.close()
         pyfuse3.close(unmount=True)
         fs.close()

@@ -124,6 +124,7 @@ class CommitJob:
     heavy: bool = True  # run commit_work in a worker thread (else inline: a small commit)
     changes: list[Change] = attrs.Factory(list)
     new_base: Manifest | None = None
+    base_patch: dict[str, Entry | None] = attrs.Factory(dict)
     merged: list[str] = attrs.Factory(list)
 
 
@@ -159,6 +160,10 @@ def write_gen(path: str, manifest: Manifest) -> None:
     _write_json(path, {p: e.to_json() for p, e in manifest.items()})
 
 
+#: Deltas in a row before a generation is written whole again (bounds reading at open).
+MAX_GEN_CHAIN = 32
+
+
 def _depth_key(path: str) -> tuple[str, ...]:
     return tuple(path.split("/"))
 
@@ -178,6 +183,11 @@ class Store:
         self.by_name: dict[str, int] = {}
         self.layers: dict[str, Layer] = {}
         self.gens: dict[int, Manifest] = {}
+        # A generation made from another by a few changes is written as that delta:
+        self.gen_parent: dict[int, int] = {}  # gen -> the gen it is a delta of
+        self.gen_patch: dict[int, dict[str, Entry | None]] = {}  # unsaved deltas
+        self.gen_depth: dict[int, int] = {}  # deltas down to a whole generation
+        self.written: set[int] = set()  # generations whose file this process wrote
         self.gen = 0
         self.base_cache: HashCache | None = None
         self.digests = DigestCache()
@@ -231,6 +241,12 @@ class Store:
         self._link_sparse()
         self._finish_merges()
         self._new_gen(self._scan_base())
+        self._save_gen(self.gen)  # whole, once, at open (the scan costs more anyway)
+        for g in {b.gen for b in self.branches.values() if b.gen is not None}:
+            if self.gen_depth.get(g, 0) > MAX_GEN_CHAIN:  # rewrite it whole
+                write_gen(self._gen_path(g), self.gens[g])
+                self.gen_parent.pop(g, None)
+                self.gen_depth[g] = 0
         for rec in unsnapped:  # the base as it is now stands in for the base at its fork
             log.warning("branch %r: base manifest of its fork missing; using the base now",
                         rec.name)
@@ -277,26 +293,104 @@ class Store:
         return out
 
     def _read_gen(self, gen: int) -> Manifest:
+        """A generation from disk: whole, or a delta of another (read first, kept)."""
         with open(os.path.join(self.base_dir, f"{gen}.json")) as f:
             raw = json.load(f)
+        if "parent" in raw and "patch" in raw and len(raw) == 2:
+            parent = int(raw["parent"])
+            if parent not in self.gens:
+                self.gens[parent] = self._read_gen(parent)
+            out = dict(self.gens[parent])
+            for p, e in raw["patch"].items():
+                if e is None:
+                    out.pop(p, None)
+                else:
+                    out[p] = Entry.from_json(e)
+            self.gen_parent[gen] = parent
+            self.gen_depth[gen] = self.gen_depth.get(parent, 0) + 1
+            self.written.add(gen)
+            return out
+        self.gen_depth[gen] = 0
+        self.written.add(gen)
         return {p: Entry.from_json(e) for p, e in raw.items()}
 
-    def _new_gen(self, manifest: Manifest) -> None:
-        """Make ``manifest`` the current base generation; it is written to disk later
-        (:meth:`take_unsaved`), or now when a branch needs it first."""
+    def _new_gen(self, manifest: Manifest, *, parent: int | None = None,
+                 patch: dict[str, Entry | None] | None = None) -> None:
+        """Make ``manifest`` the current base generation (``parent`` + ``patch``: what it
+        is made of, written as such). It is written when a branch first needs it
+        (:meth:`_save_gen`): whole, or as its delta, which is small enough to write
+        before a fork is answered."""
         self.gen += 1
         self.gens[self.gen] = manifest
         self.unsaved.add(self.gen)
+        if parent is not None and patch is not None and parent in self.gens:
+            self.gen_parent[self.gen] = parent
+            self.gen_patch[self.gen] = patch
+            self.gen_depth[self.gen] = self.gen_depth.get(parent, 0) + 1
+        else:
+            self.gen_depth[self.gen] = 0
 
     def _gen_path(self, gen: int) -> str:
         return os.path.join(self.base_dir, f"{gen}.json")
 
-    def take_unsaved(self) -> list[tuple[str, Manifest]]:
-        """Generations to write (in a worker thread: they are never changed once made)."""
-        jobs = [(self._gen_path(g), self.gens[g]) for g in sorted(self.unsaved)
-                if g in self.gens]
-        self.unsaved.clear()
-        return jobs
+    def _save_gen(self, gen: int) -> None:
+        if gen not in self.unsaved:
+            return
+        patch = self.gen_patch.pop(gen, None)
+        parent = self.gen_parent.get(gen)
+        if patch is not None and parent is not None and self.gen_depth[gen] <= MAX_GEN_CHAIN:
+            self._save_gen(parent)
+            _write_json(self._gen_path(gen), {
+                "parent": parent,
+                "patch": {p: None if e is None else e.to_json() for p, e in patch.items()}})
+        else:
+            write_gen(self._gen_path(gen), self.gens[gen])
+            self.gen_parent.pop(gen, None)
+            self.gen_depth[gen] = 0
+        self.unsaved.discard(gen)
+        self.written.add(gen)
+
+    def _drop_gens(self, *, on_disk: bool) -> None:
+        """Forget generations no longer needed in memory (all but the current one and the
+        branches'), folding an unsaved delta into its unsaved child first; delete the
+        files of those no kept generation is a delta of (``on_disk``: also files of
+        generations this process never loaded)."""
+        mem_keep = {self.gen, *(b.gen for b in self.branches.values() if b.gen is not None)}
+        for g in sorted(g for g in self.gens if g not in mem_keep):
+            if g in self.unsaved:  # not on disk: a child's delta cannot point at it
+                for c in [c for c, par in self.gen_parent.items() if par == g]:
+                    gp, gpar = self.gen_patch.get(g), self.gen_parent.get(g)
+                    if c not in self.gen_patch:
+                        continue  # (already written: then g was written before it)
+                    if gp is None or gpar is None:  # g is whole: c will be written whole
+                        del self.gen_patch[c], self.gen_parent[c]
+                        self.gen_depth[c] = 0
+                    else:
+                        self.gen_patch[c] = {**gp, **self.gen_patch[c]}
+                        self.gen_parent[c] = gpar
+                        self.gen_depth[c] = self.gen_depth.get(g, 1)
+                self.unsaved.discard(g)
+                self.gen_patch.pop(g, None)
+                self.gen_parent.pop(g, None)
+            del self.gens[g]
+        disk_keep: set[int] = set()
+        todo = list(mem_keep)
+        while todo:
+            g = todo.pop()
+            if g not in disk_keep:
+                disk_keep.add(g)
+                if g in self.gen_parent:
+                    todo.append(self.gen_parent[g])
+        for g in [g for g in self.gen_parent if g not in disk_keep]:
+            del self.gen_parent[g]
+        for g in [g for g in self.gen_depth if g not in disk_keep]:
+            del self.gen_depth[g]
+        on = self._gens_on_disk() if on_disk else []
+        for g in set(on) | self.written:
+            if g not in disk_keep:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._gen_path(g))
+                self.written.discard(g)
 
     def _scan_base(self) -> Manifest:
         self.watch.take_dirty()  # what happens from now on is seen by the next check
@@ -311,22 +405,23 @@ class Store:
         changed = self.watch.take_changes()
         if changed == set():
             return
-        patched = None if changed is None else self._patch_base(self.gens[self.gen], changed)
-        self._new_gen(self._scan_base() if patched is None else patched)
-        used = {b.gen for b in self.branches.values()} | {self.gen}
-        for g in [g for g in self.gens if g not in used]:
-            del self.gens[g]
-            self.unsaved.discard(g)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.base_dir, f"{g}.json"))
+        old = self.gen
+        patched = None if changed is None else self._patch_base(self.gens[old], changed)
+        if patched is None:
+            self._new_gen(self._scan_base())
+        else:
+            self._new_gen(patched[0], parent=old, patch=patched[1])
+        self._drop_gens(on_disk=False)
 
     @staticmethod
     def _discard(path: str) -> None:
         with contextlib.suppress(OSError):
             rmtree(path)
 
-    def _patch_base(self, old: Manifest, changed: set[str]) -> Manifest | None:
-        """``old`` with ``changed`` paths rescanned (None: too many; rescan everything)."""
+    def _patch_base(self, old: Manifest, changed: set[str]
+                    ) -> tuple[Manifest, dict[str, Entry | None]] | None:
+        """``old`` with ``changed`` paths rescanned, and the delta (None: too many
+        changes; rescan everything)."""
         if len(changed) > max(64, len(old) // 8):
             return None
         new = dict(old)
@@ -362,7 +457,7 @@ class Store:
                 if e is not None:
                     new[p] = e
         self.watch.watch(watch)
-        return new
+        return new, _delta(old, new, changed, dirs)
 
     def gc(self, *, strays: bool = False) -> None:
         """Remove layers and base generations no branch references (``strays``: also
@@ -377,14 +472,7 @@ class Store:
             for n in os.listdir(self.layers_dir):
                 if n not in used and n not in self.layers:
                     self._discard(os.path.join(self.layers_dir, n))
-        gens = {b.gen for b in self.branches.values() if b.gen is not None} | {self.gen}
-        for g in [g for g in self.gens if g not in gens]:
-            del self.gens[g]
-            self.unsaved.discard(g)
-        for g in self._gens_on_disk():
-            if g not in gens:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self.base_dir, f"{g}.json"))
+        self._drop_gens(on_disk=strays)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -441,7 +529,7 @@ class Store:
             self._refresh_base()
             top = self._new_layer(os.stat(self.root))
             rec = BranchRec(bid, name, None, [top], nsnap=0, gen=self.gen)
-            # (its base manifest is written after answering; see load() for a crash between)
+            self._save_gen(self.gen)  # before the branch that needs it is on disk
         else:
             p = self.get(parent)
             old_top = p.layers[0]
@@ -618,7 +706,7 @@ class Store:
             ops = _journal.build_plan(merge, theirs, ours, lambda q: Path(reals[q]))
             _journal.apply(Path(self.root), Path(self.journal), ops,
                            release=[Path(meta_dir), Path(b.layers[0].dir)])
-            job.new_base = _patched(base_now, merge, ours)
+            job.new_base, job.base_patch = _patched(base_now, merge, ours)
         else:
             job.merged = self._merge(p, b, merge, ours, reals)
 
@@ -629,7 +717,11 @@ class Store:
             self._forget(b)  # first: the events of our own writes need not reach its nodes
             self.watch.take_dirty()  # our own writes into the base
             assert job.new_base is not None
-            self._new_gen(job.new_base)
+            if job.rescan:
+                self._new_gen(job.new_base)
+            else:  # the generation it forked from, plus what it wrote
+                assert job.b.gen is not None
+                self._new_gen(job.new_base, parent=job.b.gen, patch=job.base_patch)
             if job.rescan:  # directories made outside since the last scan: watch them too
                 self.watch.watch(q for q, e in job.new_base.items() if e.type is EntryType.DIR)
         else:
@@ -760,9 +852,12 @@ class Store:
             layer.release()
 
 
-def _patched(base: Manifest, paths: set[str], ours: Manifest) -> Manifest:
-    """``base`` after a commit wrote ``ours`` on ``paths`` (a removed directory goes whole)."""
+def _patched(base: Manifest, paths: set[str], ours: Manifest
+             ) -> tuple[Manifest, dict[str, Entry | None]]:
+    """``base`` after a commit wrote ``ours`` on ``paths`` (a removed directory goes
+    whole), and the delta between them."""
     new = dict(base)
+    patch: dict[str, Entry | None] = {}
     gone: list[str] = []
     for q in sorted(paths, key=_depth_key):
         old, want = new.get(q), ours.get(q)
@@ -773,11 +868,28 @@ def _patched(base: Manifest, paths: set[str], ours: Manifest) -> Manifest:
             new.pop(q, None)
         else:
             new[q] = want
+        patch[q] = want
     if gone:
         prefixes = tuple(gone)
         for k in [k for k in new if k.startswith(prefixes)]:
             del new[k]
-    return new
+            patch[k] = None
+    return new, patch
+
+
+def _delta(old: Manifest, new: Manifest, changed: set[str], dirs: list[str]
+           ) -> dict[str, Entry | None]:
+    """What differs between ``old`` and ``new`` at ``changed`` and below ``dirs``."""
+    keys = set(changed)
+    if dirs:
+        prefixes = tuple(d + "/" for d in dirs)
+        keys.update(k for k in old if k.startswith(prefixes))
+        keys.update(k for k in new if k.startswith(prefixes))
+    for p in changed:  # directories made: everything found below them
+        if (e := new.get(p)) is not None and e.type is EntryType.DIR and p not in dirs:
+            prefix = p + "/"
+            keys.update(k for k in new if k.startswith(prefix))
+    return {k: new.get(k) for k in keys if new.get(k) != old.get(k)}
 
 
 def _entry_at(real: str, st: os.stat_result) -> Entry | None:
