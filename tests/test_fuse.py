@@ -553,3 +553,39 @@ async def test_symlinks_pointing_outside_are_never_followed(repo: Path, tmp_path
         assert os.listdir(outside) == []
         assert sorted(os.listdir(repo)) == before
         assert os.readlink(repo / "d") == os.fspath(outside)
+
+
+async def test_hard_links_are_one_inode(repo: Path) -> None:
+    """Two names of one file in a branch are one inode (st_ino equal, st_nlink 2, a write
+    through one shows through the other); unlinking or renaming one name leaves the
+    other working; after a nested fork each branch keeps its own content; the commit
+    lands both names as one file."""
+    async with fuse_workspace(repo) as ws:
+        b = await ws.fork()
+        a, c = b.path / "a.txt", b.path / "sub" / "c.txt"
+        a.write_text("one\n")
+        (b.path / "sub").mkdir()
+        os.link(a, c)
+        sa, sc = os.stat(a), os.stat(c)
+        assert sa.st_ino == sc.st_ino
+        assert sa.st_nlink == sc.st_nlink == 2
+        with open(c, "a") as f:  # noqa: ASYNC230 - served elsewhere
+            f.write("two\n")
+        assert a.read_text() == "one\ntwo\n"
+        os.link(a, b.path / "third.txt")
+        os.unlink(a)
+        assert c.read_text() == "one\ntwo\n"
+        assert os.stat(c).st_nlink == 2
+        os.rename(b.path / "third.txt", b.path / "renamed.txt")
+        assert os.stat(b.path / "renamed.txt").st_ino == os.stat(c).st_ino
+        kid = await b.fork()
+        with open(kid.path / "renamed.txt", "a") as f:  # noqa: ASYNC230 - served elsewhere
+            f.write("kid\n")
+        assert (kid.path / "renamed.txt").read_text() == "one\ntwo\nkid\n"
+        assert c.read_text() == "one\ntwo\n"
+        assert (b.path / "renamed.txt").read_text() == "one\ntwo\n"
+        await kid.abort()
+        await b.commit()
+    assert (repo / "sub" / "c.txt").read_text() == "one\ntwo\n"
+    assert os.stat(repo / "sub" / "c.txt").st_ino == os.stat(repo / "renamed.txt").st_ino
+    assert not (repo / "a.txt").exists()

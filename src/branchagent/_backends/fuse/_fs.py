@@ -85,8 +85,8 @@ def _invalidate(batch: list[tuple[int, bytes | None]]) -> None:
 class Node:
     """A path of one branch as the kernel knows it."""
 
-    __slots__ = ("bid", "children", "detached", "handles", "ino", "kind", "lookups", "name",
-                 "parent", "src", "src_epoch")
+    __slots__ = ("aliases", "bid", "children", "detached", "handles", "ino", "kind", "lookups",
+                 "name", "parent", "src", "src_epoch")
 
     def __init__(self, ino: int, bid: int, parent: Node | None, name: str, kind: int) -> None:
         self.ino = ino
@@ -100,6 +100,9 @@ class Node:
         self.detached = False
         self.src: list[Source] | None = None
         self.src_epoch = -1
+        # Hard links: every (directory node, name) this node is known under; None while
+        # it has one name (parent, name). The primary name is the one path() follows.
+        self.aliases: set[tuple[Node, str]] | None = None
 
     def path(self) -> str:
         parts = []
@@ -161,6 +164,9 @@ class BranchFS(pyfuse3.Operations):
         self.store = store
         self.nodes: dict[int, Node] = {}
         self.by_branch: dict[int, dict[int, Node]] = {}  # branch id -> its live nodes
+        # Hard-linked files of a branch's top layer: (branch, layer, real inode) -> node,
+        # so every name of one file is one inode to the kernel.
+        self.links: dict[tuple[int, str, int], Node] = {}
         self.roots: dict[int, Node] = {}
         self.handles: dict[int, Handle] = {}
         self.dirs: dict[int, DirHandle] = {}
@@ -247,6 +253,9 @@ class BranchFS(pyfuse3.Operations):
         return node
 
     def _drop_node(self, node: Node) -> None:
+        if node.aliases is not None:
+            for k in [k for k, v in self.links.items() if v is node]:
+                del self.links[k]
         self.nodes.pop(node.ino, None)
         mine = self.by_branch.get(node.bid)
         if mine is not None:
@@ -306,11 +315,73 @@ class BranchFS(pyfuse3.Operations):
         name = f.path.rpartition("/")[2]
         kind = stat.S_IFMT(f.st.st_mode)
         node = parent.children.get(name)
-        if node is not None and node.kind == kind:
-            return node
-        if node is not None:
-            self._detach(node)
-        return self._new_node(parent.bid, parent, name, kind)
+        key = self._link_key(parent.bid, f)
+        if key is not None:
+            shared = self.links.get(key)
+            if shared is not None and self._still_names(shared, f):
+                if node is not None and node is not shared:
+                    self._unname(node, parent, name)
+                self._alias(shared, parent, name)
+                return shared
+            self.links.pop(key, None)
+        if node is None or node.kind != kind:
+            if node is not None:
+                self._unname(node, parent, name)
+            node = self._new_node(parent.bid, parent, name, kind)
+        if key is not None:
+            self.links[key] = node
+            self._alias(node, parent, name)
+        return node
+
+    def _link_key(self, bid: int, f: Found) -> tuple[int, str, int] | None:
+        """The key of a hard-linked regular file of branch ``bid``'s top layer, else None."""
+        if f.layer is None or f.st.st_nlink < 2 or not stat.S_ISREG(f.st.st_mode):
+            return None
+        b = self.store.branches.get(bid)
+        if b is None or f.layer is not b.layers[0]:
+            return None
+        return (bid, f.layer.id, f.st.st_ino)
+
+    def _still_names(self, node: Node, f: Found) -> bool:
+        """Whether ``node``'s primary name still is the file ``f`` is a name of."""
+        if node.detached or node.ino not in self.nodes:
+            return False
+        b = self.store.branches.get(node.bid)
+        try:
+            cur = self._found(node, b) if b is not None else None
+        except pyfuse3.FUSEError:
+            return False
+        return cur is not None and cur.layer is f.layer and cur.st.st_ino == f.st.st_ino
+
+    def _alias(self, node: Node, parent: Node, name: str) -> None:
+        if node.aliases is None:
+            node.aliases = {(node.parent, node.name)} if node.parent is not None else set()
+        node.aliases.add((parent, name))
+        parent.children[name] = node
+
+    def _unname(self, node: Node, parent: Node, name: str) -> None:
+        """``name`` in ``parent`` no longer names ``node`` (unlinked, replaced, renamed over):
+        a hard-linked node lives on under its other names, any other node is detached."""
+        if node.aliases:
+            node.aliases.discard((parent, name))
+            if node.aliases:
+                if parent.children.get(name) is node:
+                    del parent.children[name]
+                if node.parent is parent and node.name == name:
+                    node.parent, node.name = next(iter(node.aliases))
+                return
+        if parent.children.get(name) is node and (node.parent is not parent
+                                                  or node.name != name):
+            del parent.children[name]
+        self._detach(node)
+
+    def _renamed(self, node: Node, old: tuple[Node, str], new: tuple[Node, str]) -> None:
+        """``node``'s name ``old`` is now ``new`` (the name moved is its primary name now)."""
+        if node.aliases is not None:
+            node.aliases.discard(old)
+            node.aliases.add(new)
+        node.parent, node.name = new
+        new[0].children[new[1]] = node
 
     def _detach(self, node: Node) -> None:
         if node.parent is not None and node.parent.children.get(node.name) is node:
@@ -391,7 +462,17 @@ class BranchFS(pyfuse3.Operations):
     # -- hooks (from the store) ---------------------------------------------------------------
 
     def froze(self, b: BranchRec, old_top: Layer) -> None:
-        """The branch's top layer is now shared: move its open writable files up."""
+        """The branch's top layer is now shared: move its open writable files up, and give
+        each name of its hard-linked files its own inode again (a write copies one name
+        up, and the others must not follow it)."""
+        for k in [k for k in self.links if k[0] == b.id and k[1] == old_top.id]:
+            node = self.links.pop(k)
+            for par, name in list(node.aliases or ()):
+                if (par, name) != (node.parent, node.name):
+                    if par.children.get(name) is node:
+                        del par.children[name]
+                    self._pending.append((par.ino, os.fsencode(name)))
+            node.aliases = None
         view = self._view(b)
         prefix = old_top.tree + "/"
         copied: dict[str, str] = {}
@@ -421,9 +502,13 @@ class BranchFS(pyfuse3.Operations):
     def merged(self, b: BranchRec, paths: Iterable[str]) -> None:
         for p in paths:
             node = self._find_node(b.id, p)
-            if node is not None and node.parent is not None:
-                self._forget_entry(node)
-                self._detach(node)
+            par = self._find_node(b.id, parent_of(p)) if p else None
+            if node is not None and node.parent is not None and par is not None:
+                name = p.rpartition("/")[2]
+                self._pending.append((par.ino, os.fsencode(name)))
+                self._pending.append((par.ino, None))
+                self._pending.append((node.ino, None))  # (a hard link's other names live on)
+                self._unname(node, par, name)
             elif node is None:
                 parent = self._find_node(b.id, parent_of(p))
                 if parent is not None:
@@ -431,6 +516,8 @@ class BranchFS(pyfuse3.Operations):
                     self._pending.append((parent.ino, None))
 
     def gone(self, bid: int) -> None:
+        for k in [k for k in self.links if k[0] == bid]:
+            del self.links[k]
         self._pending.append((ROOT, os.fsencode(f"@{bid}")))
         self.roots.pop(bid, None)
         for node in list(self.by_branch.get(bid, {}).values()):
@@ -628,6 +715,10 @@ class BranchFS(pyfuse3.Operations):
         whole_file(f)  # two names for one file: a sparse record follows one path only
         real = view.prepare_new(path)
         os.link(real_src, real)
+        st_src = os.lstat(real_src)
+        if src.parent is not None and not src.detached:  # the new name is this same inode
+            self.links[(b.id, view.top.id, st_src.st_ino)] = src
+            self._alias(src, src.parent, src.name)
         child, st = self._made(node, b, view, path)
         return self._entry(child, st)
 
@@ -645,7 +736,7 @@ class BranchFS(pyfuse3.Operations):
         b.epoch += 1
         child = node.children.get(name)
         if child is not None:
-            self._detach(child)
+            self._unname(child, node, name)
 
     def _unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         node, b, view, f = self._existing(parent_inode, name)
@@ -702,11 +793,9 @@ class BranchFS(pyfuse3.Operations):
             b.epoch += 1
             a, c = pold.children.pop(n_old, None), pnew.children.pop(n_new, None)
             if a is not None:
-                a.parent, a.name = pnew, n_new
-                pnew.children[n_new] = a
+                self._renamed(a, (pold, n_old), (pnew, n_new))
             if c is not None:
-                c.parent, c.name = pold, n_old
-                pold.children[n_old] = c
+                self._renamed(c, (pnew, n_new), (pold, n_old))
             return
         if d is not None:
             if f.is_dir and not d.is_dir:
@@ -734,11 +823,10 @@ class BranchFS(pyfuse3.Operations):
         b.epoch += 1
         victim = pnew.children.get(n_new)
         if victim is not None:
-            self._detach(victim)
+            self._unname(victim, pnew, n_new)
         moved = pold.children.pop(n_old, None)
         if moved is not None:
-            moved.parent, moved.name = pnew, n_new
-            pnew.children[n_new] = moved
+            self._renamed(moved, (pold, n_old), (pnew, n_new))
 
     # -- files ------------------------------------------------------------------------------------
 
