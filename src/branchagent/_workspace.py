@@ -55,7 +55,9 @@ class _TreeLock:
     """
 
     def __init__(self) -> None:
-        self._cond = anyio.Condition()
+        # fast_acquire: an uncontended acquire does not yield to the event loop (a fork
+        # takes three such locks; each yield was a loop iteration on its path).
+        self._cond = anyio.Condition(anyio.Lock(fast_acquire=True))
         self._readers = 0
         self._writer = False
 
@@ -339,7 +341,7 @@ class Workspace:
         self.state_dir = state_dir
         self._backend = backend
         self._closed = False
-        self._lock = anyio.Lock()
+        self._lock = anyio.Lock(fast_acquire=True)
         self._base_lock = _TreeLock()
         self._persist_lock = anyio.Lock()  # one writer of branches.json at a time
         self._open: dict[str, WorkspaceBranch] = {}

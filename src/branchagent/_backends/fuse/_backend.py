@@ -158,7 +158,7 @@ class FuseBackend:
         self._rid = 0
         self._ids: dict[str, int] = {}
         self._saved: dict[str, dict[str, object]] = {}
-        self._lock = anyio.Lock()
+        self._lock = anyio.Lock(fast_acquire=True)  # (uncontended: no yield; see _call)
         #: How long the filesystem process spent on the last control request (its critical
         #: section, as the BranchFS paper reports it), in nanoseconds.
         self.last_server_ns: int | None = None
