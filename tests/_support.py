@@ -1,9 +1,11 @@
-"""Helpers shared by the strategy tests (imported as ``_support``; not a test module)."""
+"""Helpers shared by the tests (imported as ``_support``; not a test module)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
+import stat
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,8 +22,33 @@ __all__ = [
     "sleep_token",
     "snapshot",
     "step",
+    "tree_state",
     "workspace",
 ]
+
+#: (type, mode, content digest or symlink target) per relative path.
+Tree = dict[str, tuple[str, int, str]]
+
+
+def tree_state(root: Path) -> Tree:
+    """Everything a user could observe of ``root``: types, modes, contents, link targets."""
+    out: Tree = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            p = os.path.join(dirpath, name)
+            rel = os.path.relpath(p, root)
+            st = os.lstat(p)
+            mode = stat.S_IMODE(st.st_mode)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("symlink", 0, os.readlink(p))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", mode, "")
+            elif stat.S_ISREG(st.st_mode):
+                out[rel] = ("file", mode, hashlib.sha256(Path(p).read_bytes()).hexdigest())
+            else:
+                out[rel] = ("other", mode, "")
+        dirnames[:] = [n for n in dirnames if not os.path.islink(os.path.join(dirpath, n))]
+    return out
 
 
 @asynccontextmanager

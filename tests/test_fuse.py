@@ -23,7 +23,7 @@ import anyio
 import pytest
 
 import branchagent as ba
-from _support import snapshot
+from _support import tree_state
 from branchagent import testing
 from branchagent._backends.fuse import FuseBackend
 from branchagent._backends.fuse._backend import check_available, is_mounted
@@ -470,8 +470,8 @@ async def test_nested_commit_killed_midway_is_finished_at_open(
         (c.path / "tree" / "sub").rmdir()
         (c.path / "tree" / "ln").symlink_to("f7.txt")
         (c.path / "tree" / "f8.txt").chmod(0o600)
-        want = _with_modes(c.path)
-        before = _with_modes(p.path)
+        want = tree_state(c.path)
+        before = tree_state(p.path)
         assert want != before
         pid = ws.backend.server_pid  # type: ignore[attr-defined]
         with pytest.raises(ba.BranchAgentError):
@@ -482,14 +482,10 @@ async def test_nested_commit_killed_midway_is_finished_at_open(
     async with ba.open_workspace(repo, backend=FuseBackend(), state_dir=state) as ws:
         assert [b.name for b in ws.branches()] == ["parent"]
         (p,) = ws.branches()
-        assert _with_modes(p.path) == want
+        assert tree_state(p.path) == want
         await p.commit()
-    assert _with_modes(repo) == want
+    assert tree_state(repo) == want
 
-
-def _with_modes(root: Path) -> dict[str, tuple[bytes | str, int]]:
-    """:func:`snapshot` plus every entry's permission bits."""
-    return {rel: (v, os.lstat(root / rel).st_mode & 0o7777) for rel, v in snapshot(root).items()}
 
 
 async def test_hundreds_of_branches_written_by_concurrent_processes(repo: Path) -> None:

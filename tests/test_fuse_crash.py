@@ -17,14 +17,12 @@ runs hundreds of randomized trials.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
 import re
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -36,11 +34,11 @@ import pytest
 import structlog
 
 import branchagent as ba
+from _support import Tree, tree_state
 from branchagent._backends.fuse._backend import check_available, is_mounted
 from branchagent.exceptions import BackendUnavailable
 
 #: (type, mode, SHA-256 of the content or the symlink target) per relative path.
-Tree = dict[str, tuple[str, int, str]]
 
 FAULT_ENV = "BRANCHAGENT_FUSE_FAULT"
 HERE = Path(__file__).resolve().parent
@@ -67,25 +65,6 @@ def anyio_backend() -> str:
 
 
 # -- the trees -------------------------------------------------------------------------------------
-
-
-def tree_state(root: Path) -> Tree:
-    """Everything a user can observe of ``root``: types, modes, bytes, link targets."""
-    out: Tree = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames]:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            rel = os.path.relpath(p, root)
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = ("symlink", 0, os.readlink(p))
-            elif stat.S_ISDIR(st.st_mode):
-                out[rel] = ("dir", stat.S_IMODE(st.st_mode), "")
-            else:
-                digest = hashlib.sha256(Path(p).read_bytes()).hexdigest()
-                out[rel] = ("file", stat.S_IMODE(st.st_mode), digest)
-        dirnames[:] = [n for n in dirnames if not os.path.islink(os.path.join(dirpath, n))]
-    return out
 
 
 def build_base(root: Path) -> None:

@@ -11,11 +11,9 @@ This is the quick CI subset; the randomized many-trial version is a benchmark.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
-import stat
 import sys
 import textwrap
 from contextlib import AbstractAsyncContextManager
@@ -25,38 +23,15 @@ import anyio
 import pytest
 
 import branchagent as ba
+from _support import Tree, tree_state
 from branchagent import _journal
 from branchagent._manifest import scan
-
-#: (type, mode, content digest or symlink target) per relative path.
-Tree = dict[str, tuple[str, int, str]]
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     """Crash tests drive subprocesses; one event loop is enough."""
     return "asyncio"
-
-
-def tree_state(root: Path) -> Tree:
-    """Everything a user could observe of ``root``: types, modes, contents, link targets."""
-    out: Tree = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames]:
-            p = os.path.join(dirpath, name)
-            rel = os.path.relpath(p, root)
-            st = os.lstat(p)
-            mode = stat.S_IMODE(st.st_mode)
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = ("symlink", 0, os.readlink(p))
-            elif stat.S_ISDIR(st.st_mode):
-                out[rel] = ("dir", mode, "")
-            elif stat.S_ISREG(st.st_mode):
-                out[rel] = ("file", mode, hashlib.sha256(Path(p).read_bytes()).hexdigest())
-            else:
-                out[rel] = ("other", mode, "")
-        dirnames[:] = [n for n in dirnames if not os.path.islink(os.path.join(dirpath, n))]
-    return out
 
 
 def build_before(root: Path) -> None:

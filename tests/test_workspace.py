@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-import stat
 import sys
 import textwrap
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -16,30 +14,11 @@ import pytest
 import structlog.testing
 
 import branchagent as ba
+from _support import Tree, tree_state
 from branchagent import WorkspaceBranch
 
 pytestmark = pytest.mark.anyio
 
-Tree = dict[str, tuple[str, int, str]]
-
-
-def tree_state(root: Path) -> Tree:
-    """Types, modes, contents and link targets of everything under ``root``."""
-    out: Tree = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames]:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            rel = os.path.relpath(p, root)
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = ("symlink", 0, os.readlink(p))
-            elif stat.S_ISDIR(st.st_mode):
-                out[rel] = ("dir", stat.S_IMODE(st.st_mode), "")
-            else:
-                digest = hashlib.sha256(Path(p).read_bytes()).hexdigest()
-                out[rel] = ("file", stat.S_IMODE(st.st_mode), digest)
-        dirnames[:] = [n for n in dirnames if not os.path.islink(os.path.join(dirpath, n))]
-    return out
 
 
 def realpath(path: Path) -> Path:

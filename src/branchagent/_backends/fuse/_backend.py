@@ -157,7 +157,6 @@ class FuseBackend:
         self._buf = b""
         self._rid = 0
         self._ids: dict[str, int] = {}
-        self._saved: dict[str, dict[str, object]] = {}
         self._lock = anyio.Lock(fast_acquire=True)  # (uncontended: no yield; see _call)
         #: How long the filesystem process spent on the last control request (its critical
         #: section, as the BranchFS paper reports it), in nanoseconds.
@@ -193,12 +192,15 @@ class FuseBackend:
         return name in self._ids
 
     def saved_branches(self) -> dict[str, dict[str, object]]:
-        """The branches the filesystem process found at open: name -> {parent, created}.
+        """The branches the filesystem process kept: name -> {parent, created}.
 
-        The server writes each branch's record before it answers a fork, so the
-        workspace does not keep its own copy (``branches.json``) up to date.
+        The server writes each branch's record before it answers a fork (and drops
+        broken ones at open), so the workspace does not keep its own copy
+        (``branches.json``) up to date.
         """
-        return {k: dict(v) for k, v in self._saved.items()}
+        if self._state is None:
+            raise WorkspaceClosed("the FUSE backend is not open")
+        return read_saved_branches(self._state)
 
     @staticmethod
     def read_saved_branches(state_dir: Path) -> dict[str, dict[str, object]]:
@@ -263,7 +265,6 @@ class FuseBackend:
                 await self._stop(graceful=False)
             raise BackendUnavailable(f"unexpected first message from the FUSE server: {hello}")
         self._ids = {str(k): int(v) for k, v in hello.get("branches", {}).items()}
-        self._saved = {str(k): dict(v) for k, v in hello.get("tree", {}).items()}
         for name in hello.get("lost", []):
             log.warning("branch_lost", branch=name, reason="its layers are missing or broken")
         log.info("fuse_mounted", mountpoint=str(self._mnt), pid=self._proc.pid,

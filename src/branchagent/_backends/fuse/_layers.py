@@ -788,19 +788,7 @@ def copy_data(src: str, dst: str, size: int | None) -> None:
                 else:
                     return
             total = os.fstat(sfd).st_size
-            want = total if size is None else min(size, total)
-            done = 0
-            while done < want:
-                try:
-                    n = os.copy_file_range(sfd, dfd, want - done, done, done)
-                except OSError as exc:
-                    if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP,
-                                         errno.EINVAL):
-                        raise
-                    n = _copy_slow(sfd, dfd, done, want - done)
-                if n == 0:
-                    break
-                done += n
+            done = _copy_range(sfd, dfd, 0, total if size is None else min(size, total))
             if size is not None and size > done:
                 os.ftruncate(dfd, size)
         finally:
@@ -809,9 +797,10 @@ def copy_data(src: str, dst: str, size: int | None) -> None:
         os.close(sfd)
 
 
-def _copy_range(sfd: int, dfd: int, off: int, count: int) -> None:
+def _copy_range(sfd: int, dfd: int, off: int, count: int) -> int:
     """Copy ``count`` bytes at ``off`` of ``sfd`` to the same offset of ``dfd`` (in the
-    kernel where it can; zeros past the end of the source, which the caller's file has)."""
+    kernel where it can); return how many were copied (fewer past the end of the source:
+    the rest of a sparse file's range stays a hole, which reads as zeros)."""
     done = 0
     while done < count:
         try:
@@ -821,8 +810,9 @@ def _copy_range(sfd: int, dfd: int, off: int, count: int) -> None:
                 raise
             n = _copy_slow(sfd, dfd, off + done, count - done)
         if n == 0:
-            return  # the source is shorter: the rest stays a hole, which reads as zeros
+            break
         done += n
+    return done
 
 
 def _copy_slow(sfd: int, dfd: int, off: int, count: int) -> int:

@@ -164,7 +164,6 @@ async def serve(root: str, state: str, fd: int, ppid: int) -> None:
             nursery.start_soon(_signals, nursery.cancel_scope)
             await trio.lowlevel.checkpoint()
             await stream.send_all(encode({"ready": True, "branches": dict(store.by_name),
-                                          "tree": store.tree(),
                                           "lost": lost, "pid": os.getpid()}))
             if not store.watch.broken:
                 nursery.start_soon(_watch_base, store, fs)

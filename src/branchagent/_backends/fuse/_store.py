@@ -69,6 +69,7 @@ from ._layers import (
     copy_data,
     copy_metadata,
     delta_paths,
+    entry_of,
     parent_of,
     rmtree,
     scan_paths,
@@ -453,9 +454,9 @@ class Store:
                 watch.append(p)
                 watch.extend(f"{p}/{q}" for q, e in below.items() if e.type is EntryType.DIR)
             else:
-                e = _entry_at(real, st)
-                if e is not None:
-                    new[p] = e
+                with contextlib.suppress(FileNotFoundError):
+                    if (e := entry_of(Found(p, None, real, st, None), self.digests)) is not None:
+                        new[p] = e
         self.watch.watch(watch)
         return new, _delta(old, new, changed, dirs)
 
@@ -475,17 +476,6 @@ class Store:
         self._drop_gens(on_disk=strays)
 
     # -- helpers -------------------------------------------------------------------------------
-
-    def tree(self) -> dict[str, dict[str, object]]:
-        """Every branch: name -> {parent name, created} (what the workspace restores)."""
-        out: dict[str, dict[str, object]] = {}
-        for b in self.branches.values():
-            pname = None
-            if b.parent is not None:  # "" (never a branch name): its parent is gone, an orphan
-                parent = self.branches.get(b.parent)
-                pname = parent.name if parent is not None else ""
-            out[b.name] = {"parent": pname, "created": b.created}
-        return out
 
     def get(self, name: str) -> BranchRec:
         bid = self.by_name.get(name)
@@ -890,24 +880,6 @@ def _delta(old: Manifest, new: Manifest, changed: set[str], dirs: list[str]
             prefix = p + "/"
             keys.update(k for k in new if k.startswith(prefix))
     return {k: new.get(k) for k in keys if new.get(k) != old.get(k)}
-
-
-def _entry_at(real: str, st: os.stat_result) -> Entry | None:
-    """The manifest entry of the non-directory at ``real`` (as ``scan`` makes it)."""
-    mode = st.st_mode
-    perm = stat.S_IMODE(mode)
-    try:
-        if stat.S_ISREG(mode):
-            return Entry(EntryType.FILE, perm, st.st_mtime_ns, st.st_size, hash_file(real),
-                         uid=st.st_uid, gid=st.st_gid)
-        if stat.S_ISLNK(mode):
-            return Entry(EntryType.SYMLINK, 0o777, target=os.readlink(real),
-                         uid=st.st_uid, gid=st.st_gid)
-    except FileNotFoundError:
-        return None
-    if stat.S_ISFIFO(mode):
-        return Entry(EntryType.FIFO, perm, uid=st.st_uid, gid=st.st_gid)
-    return None
 
 
 def _chown(real: str, e: Entry) -> None:
