@@ -137,6 +137,38 @@ async def _watch_base(store: Store, fs: BranchFS) -> None:
         await fs.flush_invalidations()
 
 
+# How long the event loop may stay inside one blocking call before SIGALRM interrupts it.
+STALL_LIMIT = 0.25
+_REARM_EVERY = 0.05
+
+
+def _interrupted(_signum: int, _frame: object) -> None:
+    """SIGALRM's handler: nothing to do; the point is the EINTR it gives a blocked read."""
+
+
+async def _watchdog() -> None:
+    """Keep the loop from staying blocked in ``read()`` on /dev/fuse.
+
+    pyfuse3 waits until the FUSE fd is readable, then reads it with a blocking call.
+    When the kernel withdraws the request in between (its process was SIGKILLed), the
+    read waits for the next request, and with it the whole loop, control socket
+    included. A one-shot ``ITIMER_REAL`` is pushed into the future every
+    ``_REARM_EVERY`` seconds from the loop: it fires only when the loop has not run for
+    ``STALL_LIMIT``, and its SIGALRM (installed without SA_RESTART) turns the stuck
+    read into EINTR, on which pyfuse3 goes back to waiting. Python retries its own
+    interrupted calls (PEP 475), so a long synchronous step elsewhere only loses a
+    few microseconds to it.
+    """
+    signal.signal(signal.SIGALRM, _interrupted)
+    signal.siginterrupt(signal.SIGALRM, True)
+    try:
+        while True:
+            signal.setitimer(signal.ITIMER_REAL, STALL_LIMIT)
+            await trio.sleep(_REARM_EVERY)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
 async def _serve_fuse(scope: trio.CancelScope) -> None:
     await pyfuse3.main()
     log.info("unmounted from outside")
@@ -159,6 +191,7 @@ async def serve(root: str, state: str, fd: int, ppid: int) -> None:
     pyfuse3.init(fs, mnt, options)
     try:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watchdog)
             nursery.start_soon(_serve_fuse, nursery.cancel_scope)
             nursery.start_soon(_watch_parent, ppid, nursery.cancel_scope)
             nursery.start_soon(_signals, nursery.cancel_scope)
