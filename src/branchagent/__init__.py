@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._backends import available_backends, load_backend
 from ._branch import Backend, Branch, BranchState, Change, ChangeKind, EntryType
+from ._doctor import DoctorCheck, DoctorReport, doctor
 from ._limits import Limits
 from ._sandbox._run import RunResult
 from ._strategy import (
@@ -87,6 +88,8 @@ __all__ = [
     "Command",
     "CommitFailed",
     "ConflictError",
+    "DoctorCheck",
+    "DoctorReport",
     "EntryType",
     "Executor",
     "InvalidBranchName",
@@ -118,6 +121,7 @@ __all__ = [
     "WorkspaceLocked",
     "available_backends",
     "available_strategies",
+    "doctor",
     "get_strategy",
     "load_backend",
     "open_workspace",

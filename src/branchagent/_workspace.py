@@ -21,6 +21,7 @@ import structlog
 from ._backends import load_backend
 from ._branch import Backend, Branch, BranchState, Change, check_branch_name, resolve_inside
 from ._diff import render_diff
+from ._doctor import log_host_capabilities
 from ._limits import Limits
 from ._sandbox._cgroup import RunCgroup
 from ._sandbox._pycall import call_in
@@ -659,6 +660,7 @@ async def open_workspace(
     crashed process are listed again by :meth:`Workspace.branches`.
     """
     root, sdir = await anyio.to_thread.run_sync(_resolve_paths, path, state_dir)
+    await log_host_capabilities()  # debug, once per process
     if isinstance(backend, str):
         be = load_backend(backend)
     elif isinstance(backend, Backend):

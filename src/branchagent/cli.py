@@ -10,6 +10,7 @@
     branchagent beam       --expand CMD -c ROOT ...   beam search over generated commands
     branchagent serve --upstream URL --verify CMD   verified best_of (OpenAI-compatible)
     branchagent status                        the workspace's branches (crash-left too)
+    branchagent doctor                        what this host offers and what a run enforces
     branchagent diff BRANCH | commit BRANCH | abort BRANCH | abort --all
 
 Common options (before or after the command): ``-w/--workspace DIR`` (default:
@@ -28,14 +29,17 @@ attempts after the first get ``$BRANCHAGENT_FEEDBACK``; ``--expand`` and the
 commands it generates get ``$BRANCHAGENT_DEPTH``.
 
 Progress goes to stderr: a live table redrawn in place when stderr is a
-terminal, plain lines otherwise. Ctrl-C (or SIGTERM) aborts every branch of
-the run, kills every process it started, says what was running and exits 130.
+terminal, plain lines otherwise. Ctrl-C (or SIGTERM, or SIGHUP when the
+terminal closes) aborts every branch of the run, kills every process it
+started, says what was running and exits 130 (143, 129).
 Branches another, crashed run left behind are kept (``status`` lists them);
 note that a commit into the base invalidates them, as any sibling commit does.
 
 Exit status: 0 committed (or done), 1 nothing committed, 2 usage or
 environment error (the message says what to do), 130 interrupted (Ctrl-C;
-143 for SIGTERM).
+143 for SIGTERM, 129 for SIGHUP). ``doctor`` exits 0 whatever the host lacks
+(it informs; scripts read ``fuse_ok``, ``isolation_ok`` or a check's ``ok``
+from ``--json``), 2 only for a bad ``-w``.
 """
 
 from __future__ import annotations
@@ -75,6 +79,9 @@ from .exceptions import (
 __all__ = ["main"]
 
 EXIT_OK, EXIT_NOTHING, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: Signals that abort the run cleanly; the exit status is 128 + the signal's number.
+#: SIGHUP: the terminal closed; the run must not die half-way and leave processes behind.
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 #: Environment variables the CLI gives to the commands it runs.
 ATTEMPT_ENV = "BRANCHAGENT_ATTEMPT"
@@ -477,7 +484,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="branchagent", parents=[common],
         description="Fork a workspace into branches, try candidates, commit the winner.",
         epilog="Exit status: 0 committed or done, 1 nothing committed, 2 usage or environment "
-               "error, 130 interrupted (143 on SIGTERM).",
+               "error, 130 interrupted (143 on SIGTERM, 129 on SIGHUP).",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -544,6 +551,9 @@ def _parser() -> argparse.ArgumentParser:
     _serve_arguments(sp)
 
     add("status", "list the workspace's branches (those a crashed run left too)")
+    add("doctor", "what this host offers (FUSE, namespaces, cgroups, reflinks on -w's "
+                  "filesystem, ...), what a run will enforce and how, and the fix for each "
+                  "missing piece; exits 0 whatever is missing")
     for name, verb in (("diff", "show the unified diff of"), ("commit", "commit"),
                        ("abort", "abort")):
         sp = add(name, f"{verb} a branch left in the workspace")
@@ -934,7 +944,7 @@ async def _watch_signals(run: _Run, signals: Any, work: anyio.CancelScope) -> No
 
 async def _main(run: _Run) -> tuple[int, Any]:
     result: tuple[int, Any] | BaseException = (EXIT_INTERRUPTED, None)
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with anyio.open_signal_receiver(*INTERRUPTS) as signals:
         async with anyio.create_task_group() as tg:
             work = anyio.CancelScope()
             tg.start_soon(_watch_signals, run, signals, work)
@@ -1090,11 +1100,36 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
 
+def _tell(text: str) -> None:
+    """``text`` on stderr, if stderr is still there (after SIGHUP the terminal is gone:
+    a write fails with EIO, and that must not turn a clean exit into a traceback)."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    """``branchagent doctor``: the report as a table (or JSON); 0 whatever is missing."""
+    progress = Progress(sys.stderr, live=False, enabled=False)
+    _configure_logging(progress, json_mode=args.json, verbose=args.verbose)
+    try:
+        path = _workspace_path(args)
+    except UsageError as exc:
+        print(f"branchagent doctor: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    report = anyio.run(ba.doctor, path)
+    print(report.to_json() if args.json else report.render())
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``branchagent`` console script; returns the exit status."""
     args = _parse(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "doctor":
+        return _doctor(args)
     live = sys.stderr.isatty() and not args.quiet and args.command not in (
         "status", "diff", "commit", "abort")
     color = sys.stderr.isatty() and "NO_COLOR" not in os.environ
@@ -1106,13 +1141,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         code, doc = anyio.run(_main, run)
     except KeyboardInterrupt:  # before the signal handler was installed, or after
         progress.close()
-        print("interrupted", file=sys.stderr)
+        _tell("interrupted")
         return EXIT_INTERRUPTED
     except Exception as raw:
         exc = _unwrap(raw)
         if run.signum is not None:
-            print(f"interrupted; while cleaning up: {type(exc).__name__}: {exc}",
-                  file=sys.stderr)
+            _tell(f"interrupted; while cleaning up: {type(exc).__name__}: {exc}")
             return 128 + run.signum
         if not isinstance(exc, UsageError | BranchAgentError | OSError | ValueError):
             raise
@@ -1124,8 +1158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         done = "every branch aborted, every process killed"
         if progress.winner is not None:
             done = f"{progress.winner} was committed before the interrupt; every other {done}"
-        print(f"interrupted: {done}", file=sys.stderr)
-        return 128 + run.signum  # 130 for SIGINT (Ctrl-C), 143 for SIGTERM
+        _tell(f"interrupted: {done}")
+        return 128 + run.signum  # 130 for SIGINT (Ctrl-C), 143 for SIGTERM, 129 for SIGHUP
     if args.json:
         _emit_json(doc)
     else:
