@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
-from .._branch import Backend
-from ..exceptions import BackendNotFound
+import structlog
 
-__all__ = ["available_backends", "load_backend"]
+from .._branch import Backend
+from ..exceptions import BackendNotFound, BackendUnavailable
+
+__all__ = ["available_backends", "default_backend", "load_backend"]
+
+log = structlog.get_logger("branchagent.workspace")
 
 GROUP = "branchagent.backends"
 
@@ -22,6 +26,23 @@ _INSTALL_HINTS = {
 def available_backends() -> list[str]:
     """Names registered in the ``branchagent.backends`` entry-point group."""
     return sorted({ep.name for ep in entry_points(group=GROUP)})
+
+
+def default_backend() -> str:
+    """``"fuse"`` where it can work for this user on this host, else ``"copy"``.
+
+    The reason for falling back (pyfuse3 missing, /dev/fuse not accessible to this user,
+    fusermount3 not setuid, ...) is logged, with its fix. A backend asked for by name is
+    never replaced: ``open_workspace(path, backend="fuse")`` raises that reason instead.
+    """
+    from .fuse._backend import check_available  # no pyfuse3 import: only looks
+
+    try:
+        check_available()
+    except BackendUnavailable as exc:
+        log.warning("backend_fallback", wanted="fuse", chosen="copy", reason=str(exc))
+        return "copy"
+    return "fuse"
 
 
 def load_backend(name: str) -> Backend:

@@ -15,6 +15,7 @@ a last resort. Cleanup is shielded.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -32,7 +33,7 @@ from .._limits import Limits
 from ..exceptions import IsolationUnavailable, SandboxError
 from . import _cgroup
 
-__all__ = ["SpawnOutcome", "check_markers", "isolation_available", "spawn"]
+__all__ = ["SpawnOutcome", "check_markers", "isolation_available", "isolation_problem", "spawn"]
 
 log = structlog.get_logger("branchagent.sandbox")
 
@@ -55,17 +56,40 @@ _DROP = (
     + ",".join(f"-{c}" for c in DROPPED_CAPS) + ' -- "$@"'
     if _SETPRIV else 'exec "$@"'
 )
-_ISOLATE = (
-    f'b="$1"; w="$2"; x="$3"; shift 3; mount --bind "$b" "$w" || {_FAIL}; '
-    f'while [ "$1" != "--" ]; do mount -t tmpfs -o size=64k,mode=0755 tmpfs "$1" || {_FAIL}; '
-    'shift; done; shift; '
-    # Read-only, submount-free view of the cgroup tree: no way back out of the run's cgroup.
+# Read-only view of the cgroup tree, so a candidate cannot move itself out of its run's
+# cgroup. As root: a plain bind remounted read-only (submounts are left out of the view).
+_CGROUP_RO_ROOT = (
     'if [ -d /sys/fs/cgroup ]; then mount --bind /sys/fs/cgroup /sys/fs/cgroup && '
     f'mount -o remount,bind,ro /sys/fs/cgroup || {_FAIL}; fi; '
-    f'cd "$w" || {_FAIL}; '
-    f'command -v "$x" >/dev/null || {{ echo "{NOT_FOUND_MARKER} $x" >&2; exit 127; }}; '
-    + _DROP
 )
+# In a user namespace the host's mounts are locked: a non-recursive bind of a tree with
+# submounts is refused (EINVAL, "wrong fs type"), and a remount must keep the locked
+# flags (nosuid, nodev, noexec, atime). So: a recursive bind, then every mount in it
+# remounted read-only with its own flags kept. (A user with a delegated cgroup, e.g. a
+# systemd scope, owns the cgroups around its run and could otherwise leave it.)
+_CGROUP_RO_USERNS = (
+    'if [ -d /sys/fs/cgroup ]; then '
+    f'mount --rbind /sys/fs/cgroup /sys/fs/cgroup || {_FAIL}; '
+    'while read -r _ _ _ _ m o _; do case "$m" in /sys/fs/cgroup|/sys/fs/cgroup/*) '
+    f'mount -o "remount,bind,ro${{o#r[ow]}}" "$m" || {_FAIL};; esac; '
+    'done < /proc/self/mountinfo; fi; '
+)
+
+
+def _isolate_script(cgroup_ro: str) -> str:
+    return (
+        f'b="$1"; w="$2"; x="$3"; shift 3; mount --bind "$b" "$w" || {_FAIL}; '
+        f'while [ "$1" != "--" ]; do mount -t tmpfs -o size=64k,mode=0755 tmpfs "$1" || {_FAIL}; '
+        'shift; done; shift; '
+        + cgroup_ro
+        + f'cd "$w" || {_FAIL}; '
+        f'command -v "$x" >/dev/null || {{ echo "{NOT_FOUND_MARKER} $x" >&2; exit 127; }}; '
+        + _DROP
+    )
+
+
+_ISOLATE = _isolate_script(_CGROUP_RO_ROOT)
+_ISOLATE_USERNS = _isolate_script(_CGROUP_RO_USERNS)
 
 
 def check_markers(isolate: bool, returncode: int, stderr: str, exe: str, where: Path) -> None:
@@ -79,27 +103,91 @@ def check_markers(isolate: bool, returncode: int, stderr: str, exe: str, where: 
             f"could not set up the branch's view at {where}: {stderr.strip()[-2000:]}"
         )
 
-_isolation: dict[bool, bool] = {}
+def _unshare_argv(network: bool) -> list[str]:
+    """The namespaces of an isolated run; as a non-root user, in a user namespace of its own
+    (the user becomes root there, with power over nothing but its own namespaces)."""
+    argv = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc",
+            "--propagation", "private"]
+    if not network:
+        argv.append("--net")
+    if os.geteuid() != 0:
+        argv[1:1] = ["--user", "--map-root-user"]
+    return argv
+
+
+def _read_sysctl(name: str) -> str | None:
+    try:
+        with open("/proc/sys/" + name.replace(".", "/")) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _userns_setting() -> str | None:
+    """The kernel setting that forbids this user a user namespace, named with its fix."""
+    if _read_sysctl("kernel.unprivileged_userns_clone") == "0":
+        return ("kernel.unprivileged_userns_clone = 0 (as root: "
+                "`sysctl -w kernel.unprivileged_userns_clone=1`)")
+    if _read_sysctl("user.max_user_namespaces") == "0":
+        return ("user.max_user_namespaces = 0 (as root: "
+                "`sysctl -w user.max_user_namespaces=15000`)")
+    if _read_sysctl("kernel.apparmor_restrict_unprivileged_userns") == "1":
+        return ("kernel.apparmor_restrict_unprivileged_userns = 1 (as root: `sysctl -w "
+                "kernel.apparmor_restrict_unprivileged_userns=0`, or an AppArmor profile "
+                "granting `userns` to this Python)")
+    return None
+
+
+def _probe(network: bool) -> str | None:
+    """None when the run's namespaces can be made here, else why not (said for people)."""
+    argv = _unshare_argv(network)
+    exe = shutil.which(argv[0])
+    if exe is None:
+        return "`unshare` (util-linux) is not installed; apt-get install util-linux"
+    try:
+        res = subprocess.run([exe, *argv[1:], "true"], capture_output=True, check=False,
+                             timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"`unshare` could not be run: {exc}"
+    if res.returncode == 0:
+        return None
+    said = res.stderr.decode(errors="replace").strip()[-500:] or f"exit {res.returncode}"
+    if os.geteuid() == 0:
+        return f"private mount/PID namespaces are not permitted here ({said})"
+    user = _user_name()
+    setting = _userns_setting()
+    if setting is not None:
+        return (f"isolate=True needs a user namespace for the non-root user {user} "
+                f"(`unshare --user --map-root-user`), and user namespaces are disabled "
+                f"here: {setting}")
+    return (f"isolate=True needs a user namespace with private mount/PID namespaces for "
+            f"the non-root user {user} (`unshare --user --map-root-user`), and unshare "
+            f"failed: {said}")
+
+
+def _user_name() -> str:
+    uid = os.geteuid()
+    try:
+        return f"{pwd.getpwuid(uid).pw_name!r} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+_isolation: dict[tuple[bool, int], str | None] = {}
+
+
+def isolation_problem(network: bool = True) -> str | None:
+    """Why an isolated run cannot work here (``None``: it can); looked at once per process."""
+    key = (network, os.geteuid())
+    if key not in _isolation:
+        _isolation[key] = _probe(network)
+    return _isolation[key]
 
 
 def isolation_available(network: bool = True) -> bool:
-    """Whether ``unshare`` gives us private mount and PID (and net) namespaces here."""
-    if network not in _isolation:
-        exe = shutil.which("unshare")
-        ok = False
-        if exe is not None:
-            argv = [exe, "--mount", "--pid", "--fork", "--propagation", "private"]
-            if not network:
-                argv.append("--net")
-            if os.geteuid() != 0:
-                argv.insert(1, "--map-root-user")
-            try:
-                res = subprocess.run([*argv, "true"], capture_output=True, check=False, timeout=10)
-                ok = res.returncode == 0
-            except (OSError, subprocess.TimeoutExpired):
-                ok = False
-        _isolation[network] = ok
-    return _isolation[network]
+    """Whether ``unshare`` gives us private mount and PID (and net) namespaces here
+    (as a non-root user: inside a user namespace)."""
+    return isolation_problem(network) is None
 
 
 def _findable(exe: str, cwd: str, path: str | None) -> bool:
@@ -170,28 +258,26 @@ async def spawn(
 
     if isolate:
         if not await anyio.to_thread.run_sync(isolation_available, limits.network):
+            problem = isolation_problem(limits.network) or (
+                "private mount/PID namespaces are not permitted here")
             if cg is not None:
                 await anyio.to_thread.run_sync(cg.remove)
             raise IsolationUnavailable(
-                "private mount/PID namespaces are not permitted here (unshare failed); "
-                "pass isolate=False to run with cwd set to the branch, unisolated"
+                f"{problem}; or pass isolate=False to run with cwd set to the branch, unisolated"
             )
-        prefix = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc",
-                  "--propagation", "private"]
+        prefix = _unshare_argv(limits.network)
         if not limits.network:
-            prefix.append("--net")
             enforced.add("network:netns")
         if _SETPRIV:
             enforced.add("caps:dropped")
         else:
             not_enforced.add("caps")
-        if os.geteuid() != 0:
-            prefix.insert(1, "--map-root-user")
         hidden = [
             os.fspath(h) for h in hide
             if h.exists() and h != workspace_path and h not in workspace_path.parents
         ]
-        cmd = [*prefix, "sh", "-c", _ISOLATE, "sh", os.fspath(branch_path),
+        script = _ISOLATE if os.geteuid() == 0 else _ISOLATE_USERNS
+        cmd = [*prefix, "sh", "-c", script, "sh", os.fspath(branch_path),
                os.fspath(workspace_path), os.fspath(argv[0]), *hidden, "--", *cmd]
         cwd = "/"
     else:
