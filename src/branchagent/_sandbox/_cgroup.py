@@ -665,14 +665,15 @@ def detect(fs: CgroupFs | None = None, *, systemd: bool = True) -> CgroupHost:
         if m.fstype != "cgroup":
             continue
         for c in ("memory", "pids", "cpu", "freezer"):
-            if c not in m.opts or c not in own or c in v1 or c in v2_ctrls:
-                continue
-            if c == "freezer" and choice is not None and fs.exists(choice.parent / "cgroup.freeze"):
+            if c not in m.opts or c not in own or c in v1:
                 continue
             base = _join(m, own[c])
             if base is None:
                 continue
             sweep(fs, base)
+            if c in v2_ctrls or (c == "freezer" and choice is not None
+                                 and fs.exists(choice.parent / "cgroup.freeze")):
+                continue
             d = base / parent_name(fs.pid())
             try:
                 fs.mkdir(d)
