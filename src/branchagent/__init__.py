@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._backends import available_backends, load_backend
-from ._branch import Backend, Branch, BranchState, Change, ChangeKind, EntryType
+from ._branch import Backend, Branch, BranchState, Change, ChangeKind, EntryType, Usage
 from ._doctor import DoctorCheck, DoctorReport, doctor
 from ._limits import Limits
 from ._sandbox._run import RunResult
@@ -112,6 +112,7 @@ __all__ = [
     "StrategyNotFound",
     "Tournament",
     "TreeSearch",
+    "Usage",
     "Verdict",
     "Workspace",
     "WorkspaceBranch",

@@ -44,6 +44,7 @@ __all__ = [
     "Change",
     "ChangeKind",
     "EntryType",
+    "Usage",
     "check_branch_name",
     "resolve_inside",
 ]
@@ -95,6 +96,24 @@ class Change:
     metadata_only: bool = False
 
 
+@attrs.frozen(kw_only=True)
+class Usage:
+    """What a branch holds privately: its copy-on-write cost (see :meth:`Branch.usage`).
+
+    ``bytes`` is the apparent size of the regular files (plus the target
+    length of the symlinks) the branch's own copy-on-write storage holds: files
+    it made, and files it changed in any way, at their whole size. ``files``
+    counts those entries (files, symlinks, FIFOs; directories and deletions are
+    not counted). ``disk_limit`` is the cap on ``bytes`` in force now (``None``:
+    none), set by ``fork(disk_limit=...)``, the workspace's ``disk_limit``, or a
+    running ``run(limits=Limits(disk=...))``. A fresh branch holds 0 bytes in 0 files.
+    """
+
+    bytes: int
+    files: int
+    disk_limit: int | None = None
+
+
 @runtime_checkable
 class Branch(Protocol):
     """An isolated, copy-on-write view of a workspace (or of another branch).
@@ -118,7 +137,8 @@ class Branch(Protocol):
     @property
     def depth(self) -> int: ...
 
-    async def fork(self, name: str | None = None) -> Branch: ...
+    async def fork(self, name: str | None = None, *,
+                   disk_limit: int | str | None = None) -> Branch: ...
 
     def branch(self, name: str | None = None) -> AbstractAsyncContextManager[Branch]: ...
 
@@ -129,6 +149,8 @@ class Branch(Protocol):
     async def changes(self) -> list[Change]: ...
 
     async def diff(self) -> str: ...
+
+    async def usage(self) -> Usage: ...
 
     def resolve(self, path: str | os.PathLike[str]) -> Path: ...
 
@@ -218,6 +240,10 @@ class Backend(Protocol):
     Names given to a backend are already validated; ``parent`` is ``None``
     for the workspace's base directory. A backend is opened once, used by
     one workspace, and closed once (closing twice is harmless).
+
+    A backend may say how it enforces disk limits before any branch exists with
+    a ``disk_limits`` attribute (``"fuse"``, or ``None``: it cannot); one
+    without it is taken as unable to.
     """
 
     name: str
@@ -242,6 +268,16 @@ class Backend(Protocol):
 
     async def old_content(self, name: str, parent: str | None, path: str) -> bytes | None:
         """Content of file ``path`` as ``name`` saw it at the fork; None when not available."""
+
+    async def usage(self, name: str) -> Usage:
+        """What ``name``'s own copy-on-write storage holds (see :class:`Usage`)."""
+
+    async def set_disk_limit(self, name: str, limit: int | None) -> str | None:
+        """Cap the bytes ``name``'s own storage may hold (``None``: no cap).
+
+        Returns how the cap is enforced (``"fuse"``: writes past it fail with
+        ``EDQUOT``), or ``None`` when this backend cannot enforce one.
+        """
 
     def path(self, name: str | None) -> Path:
         """The directory of branch ``name`` (the base for ``None``)."""

@@ -19,6 +19,8 @@ def parse_size(value: int | str | None) -> int | None:
         return None
     if isinstance(value, bool):
         raise TypeError("a size must be an int or a string like '512M', not a bool")
+    if not isinstance(value, int | str):
+        raise TypeError(f"a size must be an int or a string like '512M', not {value!r}")
     if isinstance(value, int):
         if value <= 0:
             raise ValueError(f"size must be positive, got {value}")
@@ -30,6 +32,29 @@ def parse_size(value: int | str | None) -> int | None:
     if n <= 0:
         raise ValueError(f"size must be positive, got {value!r}")
     return n
+
+
+def _field_size(field: str, value: int | str | None) -> int | None:
+    """:func:`parse_size`, with errors naming ``Limits.<field>``."""
+    try:
+        return parse_size(value)
+    except TypeError as exc:
+        raise TypeError(f"Limits.{field}: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"Limits.{field}: {exc}") from None
+
+
+# (Named functions, not a factory: the attrs plugin of mypy reads converters' types.)
+def _memory_size(value: int | str | None) -> int | None:
+    return _field_size("memory", value)
+
+
+def _output_size(value: int | str | None) -> int | None:
+    return _field_size("output", value)
+
+
+def _disk_size(value: int | str | None) -> int | None:
+    return _field_size("disk", value)
 
 
 def _positive_or_none(_inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
@@ -45,14 +70,20 @@ def _positive_or_none(_inst: object, attr: attrs.Attribute[Any], value: Any) -> 
 class Limits:
     """Limits for one process tree. ``None`` means unlimited.
 
-    ``memory`` and ``output`` take bytes or human sizes (``"512M"``); ``cpu`` is
-    a number of CPUs (``1.5``); ``timeout`` is wall-clock seconds; ``network``
-    false gives the process an empty network namespace.
+    ``memory``, ``output`` and ``disk`` take bytes or human sizes (``"512M"``);
+    ``cpu`` is a number of CPUs (``1.5``); ``timeout`` is wall-clock seconds;
+    ``network`` false gives the process an empty network namespace.
+
+    ``disk`` caps the bytes the branch's copy-on-write layers may hold (see
+    :meth:`Branch.usage`) while the run runs: a write that would pass it fails
+    with ``EDQUOT`` inside the branch. Backends that cannot enforce it say so in
+    ``RunResult.not_enforced``; the FUSE backend enforces it (``"disk:fuse"``).
     """
 
-    memory: int | None = attrs.field(default=None, converter=parse_size)
+    memory: int | None = attrs.field(default=None, converter=_memory_size)
     pids: int | None = attrs.field(default=None, validator=_positive_or_none)
     cpu: float | None = attrs.field(default=None, validator=_positive_or_none)
     timeout: float | None = attrs.field(default=None, validator=_positive_or_none)
-    output: int | None = attrs.field(default=10 << 20, converter=parse_size)
+    output: int | None = attrs.field(default=10 << 20, converter=_output_size)
     network: bool = True
+    disk: int | None = attrs.field(default=None, converter=_disk_size)

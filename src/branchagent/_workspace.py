@@ -15,19 +15,29 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
+import attrs
 import sniffio
 import structlog
 
 from ._backends import load_backend
-from ._branch import Backend, Branch, BranchState, Change, check_branch_name, resolve_inside
+from ._branch import (
+    Backend,
+    Branch,
+    BranchState,
+    Change,
+    Usage,
+    check_branch_name,
+    resolve_inside,
+)
 from ._diff import render_diff
 from ._doctor import log_host_capabilities
-from ._limits import Limits
+from ._limits import Limits, parse_size
 from ._sandbox._cgroup import RunCgroup
 from ._sandbox._pycall import call_in
 from ._sandbox._run import RunResult, run_in
 from .exceptions import (
     BackendNotFound,
+    BackendUnavailable,
     BranchClosed,
     BranchExists,
     BranchInvalidated,
@@ -45,6 +55,24 @@ __all__ = ["Workspace", "WorkspaceBranch", "open_workspace"]
 log = structlog.get_logger("branchagent")
 
 _CLOSE_TIMEOUT = 60.0
+
+
+def _disk_size(value: int | str | None, what: str) -> int | None:
+    """:func:`parse_size`, with errors naming the keyword ``what``."""
+    try:
+        return parse_size(value)
+    except TypeError as exc:
+        raise TypeError(f"{what}: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+
+
+def _no_disk_limits(backend: Backend, what: str) -> BackendUnavailable:
+    return BackendUnavailable(
+        f"backend {backend.name!r} cannot enforce a per-branch disk limit ({what}): its "
+        "branches are plain directories on the workspace's filesystem, with nothing to "
+        "count or refuse writes; use backend='fuse', or pass run(limits=Limits(disk=...)) "
+        "to have it reported as not enforced")
 
 
 class _TreeLock:
@@ -107,6 +135,10 @@ class WorkspaceBranch:
         self._lock = _TreeLock()
         self._runs: set[anyio.CancelScope] = set()
         self._active: dict[anyio.CancelScope, tuple[RunCgroup | None, int]] = {}
+        self._disk: int | None = None  # its own disk limit (fork's, inherited, the workspace's)
+        self._run_disks: list[int] = []  # Limits.disk of the runs in progress
+        self._disk_sent: int | None = None  # the limit the backend has now
+        self._disk_lock = anyio.Lock()
         self.depth: int = 0 if parent is None else parent.depth + 1
         self.created = time.time()
 
@@ -133,6 +165,13 @@ class WorkspaceBranch:
         return self._ws
 
     @property
+    def disk_limit(self) -> int | None:
+        """The cap on the bytes this branch's own storage may hold now (``None``: none):
+        the smallest of its own limit and those of the runs in progress."""
+        caps = [c for c in (self._disk, *self._run_disks) if c is not None]
+        return min(caps) if caps else None
+
+    @property
     def children(self) -> list[WorkspaceBranch]:
         """Open children of this branch."""
         return [c for c in self._children if c._state is BranchState.OPEN]
@@ -149,9 +188,14 @@ class WorkspaceBranch:
 
     # -- operations ----------------------------------------------------------
 
-    async def fork(self, name: str | None = None) -> WorkspaceBranch:
-        """A new branch seeing this one exactly as it is now."""
-        return await self._ws._fork(self, name)
+    async def fork(self, name: str | None = None, *,
+                   disk_limit: int | str | None = None) -> WorkspaceBranch:
+        """A new branch seeing this one exactly as it is now.
+
+        ``disk_limit`` (bytes or ``"1G"``) caps what the child's own storage may
+        hold; by default it gets this branch's own limit (not a run's).
+        """
+        return await self._ws._fork(self, name, disk_limit)
 
     def branch(self, name: str | None = None) -> AbstractAsyncContextManager[Branch]:
         """Fork a child; commit it on clean exit, abort it on exception."""
@@ -183,6 +227,54 @@ class WorkspaceBranch:
             return await self._ws._backend.old_content(self._name, parent, path)
 
         return await render_diff(changes, self._path, old)
+
+    async def usage(self) -> Usage:
+        """What this branch's own copy-on-write storage holds, and its disk limit.
+
+        FUSE backend: the files of the branch's own layers (made or changed since
+        its fork, at their whole size). Copy backend: the files of its copy that
+        differ from the fork. See :class:`Usage`.
+        """
+        self._check_open()
+        async with self._lock.shared():
+            self._check_open()
+            u = await self._ws._backend.usage(self._name)
+        return attrs.evolve(u, disk_limit=self.disk_limit)
+
+    async def _send_disk_limit(self) -> str | None:
+        """Tell the backend the limit in force now; return how it enforces it."""
+        async with self._disk_lock:
+            limit = self.disk_limit
+            how = getattr(self._ws._backend, "disk_limits", None)
+            if limit != self._disk_sent and self._state is BranchState.OPEN:
+                how = await self._ws._backend.set_disk_limit(self._name, limit)
+                self._disk_sent = limit
+            return how
+
+    @asynccontextmanager
+    async def _run_disk(self, limits: Limits | None) -> AsyncIterator[str | None]:
+        """Hold ``limits.disk`` on this branch while a run runs; yield how it is enforced
+        (``None``: not enforced, and logged as such)."""
+        disk = limits.disk if limits is not None else None
+        if disk is None:
+            yield None
+            return
+        self._run_disks.append(disk)
+        try:
+            how = await self._send_disk_limit()
+            if how is None:
+                log.warning("limits_not_enforced", limits=["disk"], branch=self._name,
+                            backend=self._ws._backend.name,
+                            reason="the backend cannot cap a branch's storage")
+            yield how
+        finally:
+            self._run_disks.remove(disk)
+            with anyio.CancelScope(shield=True):
+                if self._state is BranchState.OPEN:
+                    try:
+                        await self._send_disk_limit()
+                    except (BranchNotFound, WorkspaceClosed):
+                        pass  # committed or closed meanwhile: nothing left to limit
 
     def resolve(self, path: str | os.PathLike[str]) -> Path:
         """``path`` (relative, or absolute under the workspace path) inside this branch.
@@ -225,11 +317,17 @@ class WorkspaceBranch:
         started = time.monotonic()
         try:
             with scope:
-                return await run_in(
-                    self._path, self._ws.path, argv, limits=limits, isolate=isolate, env=env,
-                    stdin=stdin, timeout=timeout, scratch=self._ws._scratch,
-                    hide=(self._ws.state_dir,), on_cgroup=self._track(scope),
-                )
+                async with self._run_disk(limits) as how:
+                    r = await run_in(
+                        self._path, self._ws.path, argv, limits=limits, isolate=isolate,
+                        env=env, stdin=stdin, timeout=timeout, scratch=self._ws._scratch,
+                        hide=(self._ws.state_dir,), on_cgroup=self._track(scope),
+                    )
+                if limits is None or limits.disk is None:
+                    return r
+                if how is None:
+                    return attrs.evolve(r, not_enforced=r.not_enforced | {"disk"})
+                return attrs.evolve(r, enforced=r.enforced | {f"disk:{how}"})
         finally:
             self._runs.discard(scope)
             self._active.pop(scope, None)
@@ -261,12 +359,14 @@ class WorkspaceBranch:
         self._runs.add(scope)
         try:
             with scope:
-                return await call_in(
-                    self._path, self._ws.path, fn, args, kwargs, name=self._name,
-                    depth=self.depth, limits=limits, isolate=isolate, env=env,
-                    scratch=self._ws._scratch, hide=(self._ws.state_dir,),
-                    on_cgroup=self._track(scope), async_backend=sniffio.current_async_library(),
-                )
+                async with self._run_disk(limits):
+                    return await call_in(
+                        self._path, self._ws.path, fn, args, kwargs, name=self._name,
+                        depth=self.depth, limits=limits, isolate=isolate, env=env,
+                        scratch=self._ws._scratch, hide=(self._ws.state_dir,),
+                        on_cgroup=self._track(scope),
+                        async_backend=sniffio.current_async_library(),
+                    )
         finally:
             self._runs.discard(scope)
             self._active.pop(scope, None)
@@ -337,9 +437,12 @@ async def _branch_cm(
 class Workspace:
     """A directory whose branches a backend manages. Get one from :func:`open_workspace`."""
 
-    def __init__(self, path: Path, state_dir: Path, backend: Backend) -> None:
+    def __init__(self, path: Path, state_dir: Path, backend: Backend, *,
+                 disk_limit: int | None = None) -> None:
         self.path = path
         self.state_dir = state_dir
+        #: Every new top-level branch's disk limit (children inherit their parent's).
+        self.disk_limit = disk_limit
         self._backend = backend
         self._closed = False
         self._lock = anyio.Lock(fast_acquire=True)
@@ -365,9 +468,14 @@ class Workspace:
 
     # -- public ----------------------------------------------------------------
 
-    async def fork(self, name: str | None = None) -> WorkspaceBranch:
-        """A new top-level branch seeing the base exactly as it is now."""
-        return await self._fork(None, name)
+    async def fork(self, name: str | None = None, *,
+                   disk_limit: int | str | None = None) -> WorkspaceBranch:
+        """A new top-level branch seeing the base exactly as it is now.
+
+        ``disk_limit`` (bytes or ``"1G"``) caps what the branch's own storage may
+        hold (writes past it fail with ``EDQUOT``); by default the workspace's.
+        """
+        return await self._fork(None, name, disk_limit)
 
     def branch(self, name: str | None = None) -> AbstractAsyncContextManager[Branch]:
         """Fork a top-level branch; commit it on clean exit, abort it on exception."""
@@ -396,10 +504,16 @@ class Workspace:
             if name not in self._open and not self._backend.exists(name):
                 return name
 
-    async def _fork(self, parent: WorkspaceBranch | None, name: str | None) -> WorkspaceBranch:
+    async def _fork(self, parent: WorkspaceBranch | None, name: str | None,
+                    disk_limit: int | str | None = None) -> WorkspaceBranch:
         self._check_open()
         if parent is not None:
             parent._check_open()
+        disk = _disk_size(disk_limit, "disk_limit")
+        if disk is not None and getattr(self._backend, "disk_limits", None) is None:
+            raise _no_disk_limits(self._backend, f"fork(disk_limit={disk_limit!r})")
+        if disk is None:
+            disk = parent._disk if parent is not None else self.disk_limit
         started = time.perf_counter()
         async with self._lock:
             if name is None:
@@ -415,10 +529,16 @@ class Workspace:
                 if parent is not None:
                     parent._check_open()
                 path = await self._backend.create(name, parent._name if parent else None)
+            b = placeholder
+            b._disk = disk
+            if disk is not None:
+                await b._send_disk_limit()
         except BaseException:
             self._open.pop(name, None)
+            if self._backend.exists(name):
+                with anyio.CancelScope(shield=True):
+                    await self._backend.abort(name)
             raise
-        b = placeholder
         b._path = path
         (parent._children if parent is not None else self._top).append(b)
         await self._persist()
@@ -566,6 +686,9 @@ class Workspace:
                     continue
                 parent = self._open.get(pname) if isinstance(pname, str) else None
                 b = WorkspaceBranch(self, name, parent, self._backend.path(name))
+                b._disk = self.disk_limit
+                if b._disk is not None:
+                    await b._send_disk_limit()
                 created = meta.get("created")
                 b.created = float(created) if isinstance(created, int | float) else time.time()
                 (parent._children if parent else self._top).append(b)
@@ -648,6 +771,7 @@ async def open_workspace(
     backend: str | Backend = "fuse",
     state_dir: str | os.PathLike[str] | None = None,
     keep_branches: bool = False,
+    disk_limit: int | str | None = None,
 ) -> AsyncIterator[Workspace]:
     """Open ``path`` as a workspace whose branches ``backend`` manages.
 
@@ -658,7 +782,14 @@ async def open_workspace(
     aborted (``keep_branches=True`` leaves them for a later open instead) and
     the workspace holds exactly what was committed. Branches left by a
     crashed process are listed again by :meth:`Workspace.branches`.
+
+    ``disk_limit`` (bytes or ``"1G"``) caps what each branch's own storage may
+    hold (see :meth:`Branch.usage`): a write past it fails with ``EDQUOT`` inside
+    the branch. Every branch gets it (a nested one its parent's limit; ``fork``
+    can set another). A backend that cannot enforce it (``"copy"``) raises
+    ``BackendUnavailable`` here.
     """
+    disk = _disk_size(disk_limit, "disk_limit")
     root, sdir = await anyio.to_thread.run_sync(_resolve_paths, path, state_dir)
     await log_host_capabilities()  # debug, once per process
     if isinstance(backend, str):
@@ -667,8 +798,10 @@ async def open_workspace(
         be = backend
     else:
         raise BackendNotFound(f"backend must be a name or a Backend instance, not {backend!r}")
+    if disk is not None and getattr(be, "disk_limits", None) is None:
+        raise _no_disk_limits(be, f"open_workspace(disk_limit={disk_limit!r})")
     await anyio.to_thread.run_sync(lambda: (sdir / "runs").mkdir(parents=True, exist_ok=True))
-    ws = Workspace(root, sdir, be)
+    ws = Workspace(root, sdir, be, disk_limit=disk)
     ws._lock_state()
     try:
         await be.open(root, sdir)

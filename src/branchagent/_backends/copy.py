@@ -16,6 +16,14 @@ Layout under the state directory::
 
 Limits: the fork cost grows with the tree (it is a copy); hard links inside
 the tree are copied as separate files; sockets and devices are skipped.
+
+Disk. A branch is a plain directory on the workspace's filesystem, so nothing
+here can stop a process from filling it: :meth:`CopyBackend.set_disk_limit`
+says so (``None``), and the workspace reports the limit as not enforced.
+:meth:`CopyBackend.usage` counts what the branch's copy differs by from its
+fork (files added or changed, at their whole size, found by ``lstat`` against
+the fork's manifest, without hashing); the unchanged rest of the copy is not
+counted, though without reflinks it takes the whole tree's size on disk.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import anyio
 import anyio.to_thread
 
 from .. import _journal
-from .._branch import Change, EntryType
+from .._branch import Change, EntryType, Usage
 from .._manifest import (
     Entry,
     HashCache,
@@ -194,10 +202,27 @@ def _make_writable_and_remove(path: Path) -> None:
         os.unlink(path)
 
 
+def _unchanged(e: Entry | None, st: os.stat_result, real: str) -> bool:
+    """Whether a non-directory still looks as at the fork (by ``lstat``: no hashing)."""
+    if e is None:
+        return False
+    mode = st.st_mode
+    if stat.S_ISLNK(mode):
+        return e.type is EntryType.SYMLINK and e.target == os.readlink(real)
+    if stat.S_IMODE(mode) != e.mode:
+        return False
+    if stat.S_ISREG(mode):
+        return (e.type is EntryType.FILE and e.size == st.st_size
+                and e.mtime_ns == st.st_mtime_ns)
+    return stat.S_ISFIFO(mode) and e.type is EntryType.FIFO
+
+
 class CopyBackend:
     """Fork by copying; commit by journaled rename. See the module docstring."""
 
     name = "copy"
+    #: How this backend enforces disk limits: it cannot (see the module docstring).
+    disk_limits: str | None = None
 
     def __init__(self) -> None:
         self._root: Path | None = None
@@ -303,6 +328,47 @@ class CopyBackend:
             return to_changes(self._fork_manifest(name), self._scan(name))
 
         return await anyio.to_thread.run_sync(run)
+
+    def _usage_sync(self, name: str) -> Usage:
+        fork = self._fork_manifest(name)
+        tree = self.path(name)
+        total = files = 0
+        seen: set[int] = set()
+        stack = [os.fspath(tree)]
+        while stack:
+            d = stack.pop()
+            try:
+                it = os.scandir(d)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            with it:
+                for de in it:
+                    try:
+                        st = de.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if stat.S_ISDIR(st.st_mode):
+                        stack.append(de.path)
+                        continue
+                    rel = os.path.relpath(de.path, tree).replace(os.sep, "/")
+                    if _unchanged(fork.get(rel), st, de.path):
+                        continue
+                    files += 1
+                    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                        if st.st_ino in seen:
+                            continue
+                        seen.add(st.st_ino)
+                    if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+                        total += st.st_size
+        return Usage(bytes=total, files=files)
+
+    async def usage(self, name: str) -> Usage:
+        """What the branch's copy differs by from its fork (see the module docstring)."""
+        return await anyio.to_thread.run_sync(self._usage_sync, name)
+
+    async def set_disk_limit(self, name: str, limit: int | None) -> str | None:
+        """Nothing can cap a plain directory: never enforced here."""
+        return None
 
     async def old_content(self, name: str, parent: str | None, path: str) -> bytes | None:
         def run() -> bytes | None:

@@ -23,7 +23,7 @@ import structlog
 from anyio.abc import Process
 
 from ... import _journal
-from ..._branch import Change
+from ..._branch import Change, Usage
 from ...exceptions import BackendError, BackendUnavailable, BranchNotFound, WorkspaceClosed
 from ._protocol import change_from_json, encode, error_from_json
 
@@ -383,3 +383,16 @@ class FuseBackend:
         raw = await self._call("old_content", name=name, parent=parent, path=path)
         return None if raw is None else base64.b64decode(raw)
 
+    async def usage(self, name: str) -> Usage:
+        raw = await self._call("usage", name=name)
+        limit = raw.get("disk_limit")
+        return Usage(bytes=int(raw["bytes"]), files=int(raw["files"]),
+                     disk_limit=None if limit is None else int(limit))
+
+    async def set_disk_limit(self, name: str, limit: int | None) -> str | None:
+        """Enforced in the filesystem process: writes past it fail with EDQUOT."""
+        await self._call("set_disk_limit", name=name, limit=limit)
+        return "fuse"
+
+    #: How this backend enforces disk limits (``Backend.set_disk_limit``): in the filesystem.
+    disk_limits: str | None = "fuse"

@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 import pyfuse3
 import trio
 
-from ._layers import Found, Layer, Source, Sparse, View, join, parent_of, whole_file
+from ._layers import Found, Layer, Quota, Source, Sparse, View, cost, join, parent_of, whole_file
 from ._store import BranchRec, Store
 
 __all__ = ["BranchFS"]
@@ -86,7 +86,7 @@ class Node:
     """A path of one branch as the kernel knows it."""
 
     __slots__ = ("aliases", "bid", "children", "detached", "handles", "ino", "kind", "lookups",
-                 "name", "parent", "src", "src_epoch")
+                 "name", "owed", "parent", "src", "src_epoch")
 
     def __init__(self, ino: int, bid: int, parent: Node | None, name: str, kind: int) -> None:
         self.ino = ino
@@ -103,6 +103,8 @@ class Node:
         # Hard links: every (directory node, name) this node is known under; None while
         # it has one name (parent, name). The primary name is the one path() follows.
         self.aliases: set[tuple[Node, str]] | None = None
+        # Removed from the top layer while open: its bytes count until the last close.
+        self.owed = False
 
     def path(self) -> str:
         parts = []
@@ -114,15 +116,16 @@ class Node:
 
 
 class Handle:
-    __slots__ = ("fd", "flags", "node", "real", "sparse")
+    __slots__ = ("fd", "flags", "node", "quota", "real", "sparse")
 
     def __init__(self, fd: int, flags: int, node: Node, real: str,
-                 sparse: Sparse | None) -> None:
+                 sparse: Sparse | None, quota: Quota | None) -> None:
         self.fd = fd
         self.flags = flags
         self.node = node
         self.real = real
         self.sparse = sparse  # the file's sparse record, if it was copied up sparse
+        self.quota = quota  # the branch's disk limit (writes are charged to it)
 
     @property
     def writable(self) -> bool:
@@ -283,7 +286,8 @@ class BranchFS(pyfuse3.Operations):
         return b
 
     def _view(self, b: BranchRec) -> View:
-        return self.store.view(b)
+        """``b``'s view; its copy-ups are charged to (and refused by) ``b``'s disk limit."""
+        return View(b.layers, self.store.root, b.quota)
 
     def _sources(self, node: Node, b: BranchRec) -> list[Source]:
         """Where directory ``node`` lives (cached until the branch's namespace changes)."""
@@ -473,7 +477,7 @@ class BranchFS(pyfuse3.Operations):
                         del par.children[name]
                     self._pending.append((par.ino, os.fsencode(name)))
             node.aliases = None
-        view = self._view(b)
+        view = self.store.view(b)  # a fork is never refused: these copies are charged after
         prefix = old_top.tree + "/"
         copied: dict[str, str] = {}
         for h in list(self.handles.values()):
@@ -493,6 +497,7 @@ class BranchFS(pyfuse3.Operations):
                 st = os.lstat(old_real)
                 new_real = view.copy_up(Found(path, old_top, old_real, st, None))
                 copied[old_real] = new_real
+                b.quota.charge(cost(os.lstat(new_real)))
             fd = os.open(new_real, (h.flags & ~(_OPEN_DROP | os.O_TRUNC)) | os.O_NOFOLLOW
                          | os.O_CLOEXEC)
             os.close(h.fd)
@@ -514,6 +519,18 @@ class BranchFS(pyfuse3.Operations):
                 if parent is not None:
                     self._pending.append((parent.ino, os.fsencode(p.rpartition("/")[2])))
                     self._pending.append((parent.ino, None))
+
+    def held_open(self, b: BranchRec) -> int:
+        """Bytes of ``b``'s files removed from its top layer while open (see ``Node.owed``)."""
+        total = 0
+        seen: set[int] = set()
+        for h in self.handles.values():
+            if h.node.owed and h.node.bid == b.id:
+                st = os.fstat(h.fd)
+                if st.st_nlink == 0 and st.st_ino not in seen:
+                    seen.add(st.st_ino)
+                    total += cost(st)
+        return total
 
     def gone(self, bid: int) -> None:
         for k in [k for k in self.links if k[0] == bid]:
@@ -576,15 +593,18 @@ class BranchFS(pyfuse3.Operations):
         node = self._node(inode)
         target: str | int
         sp: Sparse | None = None  # told of a new size after the cut (see Sparse.truncated)
+        q: Quota | None
         if node.detached or node.bid not in self.store.branches:
             if not node.handles:
                 raise _err(errno.ENOENT)
             h = self.handles[next(iter(node.handles))]
             target = h.fd
+            q = h.quota
             if h.sparse is not None and not h.sparse.done:
                 sp = h.sparse
         else:
             b = self._branch(node)
+            q = b.quota
             view = self._view(b)
             f = self._found(node, b)
             if f.is_dir:
@@ -599,10 +619,17 @@ class BranchFS(pyfuse3.Operations):
             view.top.dirty = True
             b.epoch += 1
         if fields.update_size:
+            grow = 0
+            if q is not None and q.limit is not None:
+                cur = os.fstat(target) if isinstance(target, int) else os.lstat(target)
+                grow = attr.st_size - cur.st_size if stat.S_ISREG(cur.st_mode) else 0
+                q.check(grow)
             if isinstance(target, int):
                 os.ftruncate(target, attr.st_size)
             else:
                 os.truncate(target, attr.st_size)
+            if q is not None:
+                q.charge(grow)
             if sp is not None:
                 sp.truncated(attr.st_size)
         if fields.update_uid or fields.update_gid:
@@ -681,8 +708,10 @@ class BranchFS(pyfuse3.Operations):
     def _symlink(self, parent_inode: int, name: bytes, target: bytes,
                 ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node, b, view, path, pf = self._prepare(parent_inode, name)
+        b.quota.check(len(target))
         real = view.prepare_new(path)
         os.symlink(target, os.fsencode(real))
+        b.quota.charge(len(target))
         self._owner(pf, ctx, real)
         child, st = self._made(node, b, view, path)
         return self._entry(child, st)
@@ -699,7 +728,7 @@ class BranchFS(pyfuse3.Operations):
         except BaseException:
             os.close(fd)
             raise
-        fh = self._add_handle(fd, flags, child, real)
+        fh = self._add_handle(fd, flags, child, real, None, b.quota)
         return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._entry(child, st)
 
     def _link(self, inode: int, new_parent_inode: int, new_name: bytes,
@@ -738,11 +767,28 @@ class BranchFS(pyfuse3.Operations):
         if child is not None:
             self._unname(child, node, name)
 
+    def _freed(self, parent: Node, name: str, f: Found, view: View) -> int:
+        """Bytes removing non-directory ``f`` (``name`` in ``parent``) gives back to the
+        branch's disk limit: none below the top layer, none while another name or an open
+        handle keeps the file (then it is owed: given back at the last close)."""
+        if f.layer is not view.top or f.is_dir:
+            return 0
+        if stat.S_ISREG(f.st.st_mode):
+            if f.st.st_nlink > 1:
+                return 0
+            child = parent.children.get(name)
+            if child is not None and child.handles:
+                child.owed = True
+                return 0
+        return cost(f.st)
+
     def _unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         node, b, view, f = self._existing(parent_inode, name)
         if f.is_dir:
             raise _err(errno.EISDIR)
+        freed = self._freed(node, os.fsdecode(name), f, view)
         view.remove(f)
+        b.quota.charge(-freed)
         self._gone(node, b, os.fsdecode(name))
 
     def _rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -812,7 +858,9 @@ class BranchFS(pyfuse3.Operations):
         if d is not None and d.is_dir:
             top.drop_under(dpath)
         top.remove_whiteout(dpath)
+        freed = 0 if d is None else self._freed(pnew, n_new, d, view)
         os.rename(rs, top.real(dpath))
+        b.quota.charge(-freed)
         top.forget_sparse(dpath)  # whatever was replaced there
         if f.is_dir:
             top.clear_opaque(spath)
@@ -831,10 +879,10 @@ class BranchFS(pyfuse3.Operations):
     # -- files ------------------------------------------------------------------------------------
 
     def _add_handle(self, fd: int, flags: int, node: Node, real: str,
-                    sparse: Sparse | None = None) -> int:
+                    sparse: Sparse | None, quota: Quota) -> int:
         fh = self._next_fh
         self._next_fh += 1
-        self.handles[fh] = Handle(fd, flags, node, real, sparse)
+        self.handles[fh] = Handle(fd, flags, node, real, sparse, quota)
         node.handles.add(fh)
         return fh
 
@@ -846,15 +894,17 @@ class BranchFS(pyfuse3.Operations):
             raise _err(errno.EISDIR)
         view = self._view(b)
         write = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        cut = f.st.st_size if flags & os.O_TRUNC and f.layer is view.top else 0
         if write and f.layer is not view.top:
-            view.copy_up(f, size=0 if flags & os.O_TRUNC else None)
+            view.copy_up(f, size=0 if flags & os.O_TRUNC else None)  # (charged: see Quota)
             b.epoch += 1
         sp = f.layer.sparse.get(f.path) if f.layer is not None else None
         fd = os.open(f.real, (flags & ~_OPEN_DROP) | os.O_NOFOLLOW | os.O_CLOEXEC)
+        b.quota.charge(-cut)
         if sp is not None and flags & os.O_TRUNC and f.layer is view.top:
             sp.truncated(0)  # (after the cut: see Sparse.truncated)
             sp = None
-        fh = self._add_handle(fd, flags, node, f.real, sp)
+        fh = self._add_handle(fd, flags, node, f.real, sp, b.quota)
         # Below the top layer a file never changes in place (a write copies it up, a merge
         # gives the path a new inode, outside writes into the base are invalidated).
         return pyfuse3.FileInfo(fh=fh, keep_cache=f.layer is not view.top)
@@ -873,9 +923,32 @@ class BranchFS(pyfuse3.Operations):
 
     def _write(self, fh: int, off: int, buf: bytes) -> int:
         h = self._handle(fh)
+        q = h.quota
+        if q is not None and q.limit is not None:
+            return self._write_capped(h, q, off, buf)
         if h.sparse is not None and not h.sparse.done:
             return h.sparse.write(h.fd, off, buf)
         return os.pwrite(h.fd, buf, off)
+
+    def _write_capped(self, h: Handle, q: Quota, off: int, buf: bytes) -> int:
+        """A write under a disk limit: charged by how far it moves the end of the file
+        (one fstat, never a walk). What would pass the limit is cut short, and a write
+        of which nothing fits fails with EDQUOT (so the writer sees it at once)."""
+        size = os.fstat(h.fd).st_size
+        start = size if h.flags & os.O_APPEND else off  # (pwrite appends under O_APPEND)
+        grow = start + len(buf) - size
+        if grow > 0 and grow > q.room():
+            keep = size + q.room() - start
+            if keep <= 0:
+                raise _err(errno.EDQUOT)
+            buf = buf[:keep]
+        if h.sparse is not None and not h.sparse.done:
+            n = h.sparse.write(h.fd, off, buf)
+        else:
+            n = os.pwrite(h.fd, buf, off)
+        if start + n > size:
+            q.used += start + n - size
+        return n
 
     def _flush(self, fh: int) -> None:
         self._handle(fh)
@@ -885,6 +958,11 @@ class BranchFS(pyfuse3.Operations):
         if h is None:
             return
         h.node.handles.discard(fh)
+        if h.node.owed and not h.node.handles:  # removed while open: its bytes go now
+            h.node.owed = False
+            st = os.fstat(h.fd)
+            if st.st_nlink == 0 and h.quota is not None:
+                h.quota.charge(-cost(st))
         os.close(h.fd)
         self._maybe_free(h.node)
 

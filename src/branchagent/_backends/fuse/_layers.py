@@ -29,6 +29,15 @@ content digest, a hard link): then the missing chunks are filled in place.
 Writing a few bytes into a 1 GB file therefore copies 64 KiB, and an aborted
 branch never copies the rest. Records live in the layer's ``sparse.log``, so a
 restarted filesystem process reads such a file as before.
+
+Disk limits. A branch's cost is what its own layers hold (:func:`tree_usage`):
+the apparent size of their regular files (a hard-linked file once) plus the
+target length of their symlinks, and the number of those entries; directories
+and whiteouts cost nothing. A file copied up counts at its whole size, also
+when the copy-up was sparse or a reflink (a commit makes it whole). While a
+branch has a limit, its :class:`Quota` follows that figure write by write (a
+size delta, never a walk) and the filesystem refuses what would pass it with
+``EDQUOT``; :meth:`View.copy_up` charges the copies it makes.
 """
 
 from __future__ import annotations
@@ -55,6 +64,7 @@ __all__ = [
     "DigestCache",
     "Found",
     "Layer",
+    "Quota",
     "Source",
     "Sparse",
     "View",
@@ -62,6 +72,7 @@ __all__ = [
     "delta_paths",
     "scan_paths",
     "copy_metadata",
+    "cost",
     "entry_of",
     "hash_sparse",
     "sparse_of",
@@ -69,6 +80,7 @@ __all__ = [
     "join",
     "parent_of",
     "split",
+    "tree_usage",
 ]
 
 _FICLONE = 0x40049409
@@ -95,6 +107,76 @@ def split(path: str) -> tuple[str, str]:
 
 def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root + "/")
+
+
+# -- disk limits ------------------------------------------------------------------------------
+
+
+class Quota:
+    """A branch's disk limit and, while one is set, the bytes its own layers hold.
+
+    ``used`` is kept up to date only while ``limit`` is set (it is computed by a
+    walk when a limit is set, then moved by each change's size delta).
+    """
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self) -> None:
+        self.limit: int | None = None
+        self.used = 0
+
+    def __repr__(self) -> str:
+        return f"<Quota {self.used}/{self.limit}>"
+
+    def room(self) -> int:
+        """Bytes the branch may still grow by (only meaningful while ``limit`` is set)."""
+        assert self.limit is not None
+        return self.limit - self.used
+
+    def check(self, grow: int) -> None:
+        """Raise ``EDQUOT`` if growing by ``grow`` bytes would pass the limit."""
+        if grow > 0 and self.limit is not None and self.used + grow > self.limit:
+            raise OSError(errno.EDQUOT, "the branch's disk limit is reached")
+
+    def charge(self, delta: int) -> None:
+        """The layers now hold ``delta`` bytes more (or fewer)."""
+        if self.limit is not None:
+            self.used += delta
+
+
+def cost(st: os.stat_result) -> int:
+    """What an entry costs towards a disk limit (see the module docstring)."""
+    if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+        return st.st_size
+    return 0
+
+
+def tree_usage(tree: str) -> tuple[int, int]:
+    """(bytes, entries) a layer's tree holds (see the module docstring)."""
+    total = files = 0
+    seen: set[int] = set()
+    stack = [tree]
+    while stack:
+        try:
+            it = os.scandir(stack.pop())
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        with it:
+            for de in it:
+                try:
+                    st = de.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(de.path)
+                    continue
+                files += 1
+                if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
+                    if st.st_ino in seen:
+                        continue
+                    seen.add(st.st_ino)
+                total += cost(st)
+    return total, files
 
 
 # -- sparse copy-up ---------------------------------------------------------------------------
@@ -521,9 +603,10 @@ def _lstat(path: str) -> os.stat_result | None:
 class View:
     """A branch's stack of layers (top first) over the base directory ``base``."""
 
-    def __init__(self, layers: list[Layer], base: str) -> None:
+    def __init__(self, layers: list[Layer], base: str, quota: Quota | None = None) -> None:
         self.layers = layers
         self.base = base
+        self.quota = quota  # charged by copy_up (the filesystem's views; a commit's are not)
 
     @property
     def top(self) -> Layer:
@@ -643,9 +726,15 @@ class View:
         top = self.top
         if found.layer is top:
             return found.real
+        st = found.st
+        q = self.quota
+        if q is not None and q.limit is not None:
+            grow = cost(st) if size is None or not stat.S_ISREG(st.st_mode) else size
+            q.check(grow)
+        else:
+            grow = 0
         self.ensure_dir(parent_of(found.path))
         dst = top.real(found.path)
-        st = found.st
         if stat.S_ISREG(st.st_mode):
             below = found.layer.sparse.get(found.path) if found.layer is not None else None
             limit = st.st_size if size is None else min(size, st.st_size)
@@ -664,6 +753,8 @@ class View:
             os.mknod(dst, st.st_mode, st.st_rdev)
         copy_metadata(found.real, dst, st, keep_mtime=size is None)
         top.dirty = True
+        if q is not None:
+            q.charge(grow)
         found.layer, found.real = top, dst
         found.st = os.lstat(dst)
         return dst

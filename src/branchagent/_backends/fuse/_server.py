@@ -47,6 +47,12 @@ def _dispatch(store: Store, req: dict[str, Any]) -> object:
     if op == "old_content":
         data = store.old_content(str(req["name"]), req.get("parent"), str(req["path"]))
         return None if data is None else base64.b64encode(data).decode()
+    if op == "usage":
+        return store.usage(str(req["name"]))
+    if op == "set_disk_limit":
+        limit = req.get("limit")
+        store.set_disk_limit(str(req["name"]), None if limit is None else int(limit))
+        return None
     if op == "list":
         return dict(store.by_name)
     if op == "ping":

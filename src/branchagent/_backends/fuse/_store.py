@@ -64,6 +64,7 @@ from ._layers import (
     DigestCache,
     Found,
     Layer,
+    Quota,
     View,
     ViewScan,
     copy_data,
@@ -73,6 +74,7 @@ from ._layers import (
     parent_of,
     rmtree,
     scan_paths,
+    tree_usage,
     whole_file,
 )
 from ._watch import BaseWatch
@@ -99,6 +101,7 @@ class BranchRec:
     gen: int | None  # top-level branches: the base generation at the fork
     epoch: int = 0  # bumped on every change of the namespace (the FS caches by it)
     created: float = attrs.Factory(time.time)
+    quota: Quota = attrs.Factory(Quota)  # its disk limit (not persisted: the agent re-sends it)
 
     def own_layers(self) -> list[Layer]:
         return self.layers[: len(self.layers) - self.nsnap]
@@ -138,6 +141,10 @@ class Hooks(Protocol):
 
     def gone(self, bid: int) -> None: ...
 
+    def held_open(self, b: BranchRec) -> int:
+        """Bytes of ``b``'s files removed while still open (held until their last close)."""
+        ...
+
 
 class _NoHooks:
     def froze(self, b: BranchRec, old_top: Layer) -> None:
@@ -148,6 +155,9 @@ class _NoHooks:
 
     def gone(self, bid: int) -> None:
         pass
+
+    def held_open(self, b: BranchRec) -> int:
+        return 0
 
 
 def _write_json(path: str, data: object) -> None:
@@ -192,6 +202,7 @@ class Store:
         self.gen = 0
         self.base_cache: HashCache | None = None
         self.digests = DigestCache()
+        self.frozen_usage: dict[str, tuple[int, int]] = {}  # lid -> tree_usage, frozen layers
         self.next_id = 1
         self.unsaved: set[int] = set()
         self.hooks: Hooks = _NoHooks()
@@ -466,6 +477,7 @@ class Store:
         used = {layer.id for b in self.branches.values() for layer in b.layers}
         for lid in [lid for lid in self.layers if lid not in used]:
             layer = self.layers.pop(lid)
+            self.frozen_usage.pop(lid, None)
             layer.release()
             self.digests.forget_under(layer.dir)
             self._discard(layer.dir)
@@ -577,6 +589,50 @@ class Store:
                 continue  # shows through from the base: written there from outside
             out.append(c)
         return out
+
+    # -- disk usage and limits --------------------------------------------------------------------
+
+    def held(self, b: BranchRec) -> tuple[int, int]:
+        """(bytes, entries) ``b``'s own layers hold (see ._layers), walked now.
+
+        Frozen layers never change size (a fill keeps it), so their walk is kept;
+        the top layer is walked each time. Files removed while open count too.
+        """
+        total = files = 0
+        for i, layer in enumerate(b.own_layers()):
+            if i == 0:
+                n, k = tree_usage(layer.tree)
+            else:
+                got = self.frozen_usage.get(layer.id)
+                if got is None:
+                    got = self.frozen_usage[layer.id] = tree_usage(layer.tree)
+                n, k = got
+            total += n
+            files += k
+        return total + self.hooks.held_open(b), files
+
+    def usage(self, name: str) -> dict[str, object]:
+        """What branch ``name`` holds (and the limit in force); resyncs its quota."""
+        b = self.get(name)
+        total, files = self.held(b)
+        if b.quota.limit is not None:
+            b.quota.used = total
+        return {"bytes": total, "files": files, "disk_limit": b.quota.limit}
+
+    def set_disk_limit(self, name: str, limit: int | None) -> None:
+        """Cap what ``name``'s own layers may hold at ``limit`` bytes (None: no cap).
+
+        Setting a limit where there was none walks the branch's layers once; from
+        then on the filesystem keeps the figure by size deltas. A limit below what
+        the branch holds already refuses every growth, and frees nothing.
+        """
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit <= 0):
+            raise ValueError(f"a disk limit must be a positive number of bytes, not {limit!r}")
+        b = self.get(name)
+        if limit is not None and b.quota.limit is None:
+            b.quota.used = self.held(b)[0]
+        b.quota.limit = limit
 
     def old_content(self, name: str, parent: str | None, path: str) -> bytes | None:
         b = self.get(name)
@@ -717,6 +773,8 @@ class Store:
         else:
             p.epoch += 1
             self.hooks.merged(p, job.merged)
+            if p.quota.limit is not None:  # the child's files are the parent's now
+                p.quota.used = self.held(p)[0]
             self._forget(b)
             self._discard(os.path.join(self.branches_dir, str(b.id)))
             with contextlib.suppress(FileNotFoundError):  # after the child: see _finish_merges
