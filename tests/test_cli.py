@@ -528,7 +528,7 @@ def wait_for(cond: Any, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_ctrl_c_aborts_every_branch_and_kills_every_process(
     repo: Path, tmp_path: Path, sig: signal.Signals
 ) -> None:
@@ -552,14 +552,73 @@ def test_ctrl_c_aborts_every_branch_and_kills_every_process(
                 proc.kill()
                 proc.wait()
     stderr = err_path.read_text()
-    assert rc == 128 + sig, stderr  # 130 for Ctrl-C
+    assert rc == 128 + sig, stderr  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
     assert took < 3, f"exit took {took:.1f} s"
     assert processes_with(tok) == [], "a candidate's process survived"
     assert snapshot(repo) == before
     assert branch_dirs(repo) == []
+    status = ba_in(repo, "--json", "status")
+    assert json.loads(status.stdout)["branches"] == [], status.stdout
     assert "was running" in stderr
     assert stderr.count(f"sleep {tok}") >= 2
     assert "every branch aborted" in stderr
+
+
+def _take_terminal() -> None:
+    """In the child: make the pty on fd 0 this new session's controlling terminal."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+@pytest.mark.parametrize("isolate", [True, False])
+def test_closing_the_terminal_aborts_every_branch_and_kills_every_process(
+    repo: Path, tmp_path: Path, isolate: bool
+) -> None:
+    """The terminal itself goes away (the kernel sends SIGHUP; every later write to it
+    fails with EIO): the same clean exit as SIGTERM, with status 129."""
+    before = snapshot(repo)
+    tok = token()
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    # Without isolation $$ is the host pid of the `sleep` that replaces the shell.
+    record = f'echo $$ > {pids}/$BRANCHAGENT_ATTEMPT; exec sleep {tok}'
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    proc = subprocess.Popen(
+        [*CLI, "-w", os.fspath(repo), "--backend", "copy", "best-of-n", "-n", "2",
+         *([] if isolate else ["--no-isolate"]), "--", "sh", "-c", record],
+        stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+        preexec_fn=_take_terminal,
+    )
+    os.close(slave)
+    try:
+        def started() -> bool:
+            try:  # keep draining the terminal so the live display never blocks
+                while select.select([master], [], [], 0)[0] and os.read(master, 65536):
+                    pass
+            except OSError:
+                pass
+            return len(processes_with(tok)) >= 2 and len(list(pids.iterdir())) >= 2
+        wait_for(started, 30, "both attempts")
+        time.sleep(0.2)
+        recorded = [int(p.read_text()) for p in pids.iterdir()]
+        open_branches = json.loads(ba_in(repo, "--json", "status").stdout)["branches"]
+        assert len(open_branches) == 2
+        os.close(master)  # the terminal closes: hangup
+        master = -1
+        rc = proc.wait(timeout=10)
+    finally:
+        if master >= 0:
+            os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 128 + signal.SIGHUP
+    assert processes_with(tok) == [], "a candidate's process survived"
+    if not isolate:  # host pids (isolated, $$ is a pid in the run's own namespace)
+        assert [pid for pid in recorded if pid in processes_with(tok)] == []
+    assert snapshot(repo) == before
+    assert branch_dirs(repo) == []
+    assert json.loads(ba_in(repo, "--json", "status").stdout)["branches"] == []
 
 
 def run_on_pty(args: Sequence[str], cwd: Path, timeout: float = 60) -> tuple[int, str, str]:

@@ -1,8 +1,8 @@
-"""``branchagent serve`` against a scripted fake upstream (httpx MockTransport), plus SIGTERM.
+"""``branchagent serve`` against a scripted fake upstream (httpx MockTransport), plus signals.
 
 The fake upstream answers /v1/completions and /v1/chat/completions with
 scripted choices and logprobs; the server is driven in-process through
-httpx's ASGI transport (its lifespan run by hand), except for the SIGTERM
+httpx's ASGI transport (its lifespan run by hand), except for the SIGTERM and SIGHUP
 test, which starts the real ``branchagent serve`` command in front of a
 stdlib HTTP fake upstream.
 """
@@ -379,7 +379,7 @@ async def test_a_slow_verification_does_not_block_others(repo: Path) -> None:
     assert done["echo:slow"] >= 3
 
 
-# -- the real command: SIGTERM ------------------------------------------------------------------
+# -- the real command: SIGTERM, SIGHUP ------------------------------------------------------------
 
 FAKE_UPSTREAM = textwrap.dedent('''
     import json, sys
@@ -447,7 +447,12 @@ def _get(url: str) -> int:
         return 0
 
 
-def test_sigterm_stops_cleanly_with_nothing_left(repo: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_or_sighup_stops_cleanly_with_nothing_left(
+    repo: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """SIGTERM, and SIGHUP (the terminal closed) alike: in-flight requests end, every
+    branch is aborted, every verification process killed; exit 128 + the signal."""
     script = tmp_path / "upstream.py"
     script.write_text(FAKE_UPSTREAM)
     up = subprocess.Popen([sys.executable, os.fspath(script)], stdout=subprocess.PIPE, text=True)
@@ -485,9 +490,9 @@ def test_sigterm_stops_cleanly_with_nothing_left(repo: Path, tmp_path: Path) -> 
         verifier_pids = [int(p.read_text()) for p in pids.iterdir()]
         assert all(_alive(pid) for pid in verifier_pids)
 
-        serve.send_signal(signal.SIGTERM)
+        serve.send_signal(sig)
         _, err = serve.communicate(timeout=30)
-        assert serve.returncode == 128 + signal.SIGTERM, err
+        assert serve.returncode == 128 + sig, err
         answer, _ = asker.communicate(timeout=30)
         assert answer.strip(), "the in-flight request did not end"  # a status or an error
         assert "serve_request" in err  # one log line per request

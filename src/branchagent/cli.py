@@ -1084,7 +1084,7 @@ def _emit_json(doc: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    """``branchagent serve``: runs until SIGTERM/Ctrl-C (see :mod:`branchagent.serve`)."""
+    """``branchagent serve``: runs until SIGTERM/SIGHUP/Ctrl-C (see :mod:`branchagent.serve`)."""
     try:
         from .serve._main import serve
     except ImportError as exc:

@@ -50,9 +50,10 @@ At most ``--max-concurrent`` requests are served at once (an
 ``anyio.Semaphore``); the others wait their turn, they are not refused. The
 server binds 127.0.0.1 unless told otherwise, logs one structlog line per
 request (``serve_request``: method, path, status, duration, best_of,
-verified, committed) and stops on SIGTERM or Ctrl-C: in-flight requests get
-``--shutdown-timeout`` seconds, then they are cancelled, every branch is
-aborted and every process killed; it exits 143 (SIGTERM) or 130 (SIGINT).
+verified, committed) and stops on SIGTERM, SIGHUP (its terminal closed) or
+Ctrl-C: in-flight requests get ``--shutdown-timeout`` seconds, then they are
+cancelled, every branch is aborted and every process killed; it exits 143
+(SIGTERM), 129 (SIGHUP) or 130 (SIGINT).
 The backend is ``--backend``, else the one recorded in the workspace's state
 directory, else ``copy`` (portable; ``fuse`` is faster where it works).
 """

@@ -1,4 +1,5 @@
-"""``branchagent serve``: run the verified best-of server with uvicorn until SIGTERM or Ctrl-C."""
+"""``branchagent serve``: run the verified best-of server with uvicorn until SIGTERM, SIGHUP
+or Ctrl-C."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify-timeout", type=float, default=300.0, metavar="S",
                    help="seconds one verification may run (300); then it fails")
     p.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="S",
-                   help="on SIGTERM, seconds in-flight requests get before they are "
+                   help="on SIGTERM or SIGHUP, seconds in-flight requests get before they are "
                         "cancelled and their branches aborted (5)")
     p.add_argument("--no-isolate", action="store_true",
                    help="run verifications with the branch as cwd instead of in private "
@@ -80,13 +81,26 @@ def _configure_logging(verbose: int, json_mode: bool) -> None:
     structlog.configure(
         processors=[level_filter, structlog.processors.add_log_level,
                     structlog.processors.TimeStamper(fmt="iso"), renderer],
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=lambda *_: _StderrLogger(),
         cache_logger_on_first_use=False,
     )
 
 
+class _StderrLogger:
+    """Prints each line on stderr; a failed write (EIO once a closed terminal hung up) is
+    dropped, so a log line can never interrupt the shutdown that aborts the branches."""
+
+    def msg(self, message: str) -> None:
+        try:
+            print(message, file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
+
+    debug = info = warning = warn = error = critical = exception = fatal = log = msg
+
+
 def serve(args: argparse.Namespace, workspace: Path, backend: str) -> int:
-    """Run until SIGTERM/SIGINT; 0 after a clean stop by signal is reported as 128+signum."""
+    """Run until SIGTERM/SIGHUP/SIGINT; a clean stop by signal is reported as 128+signum."""
     import uvicorn
 
     from ._app import config_summary, create_app
@@ -95,18 +109,24 @@ def serve(args: argparse.Namespace, workspace: Path, backend: str) -> int:
     _configure_logging(args.verbose, args.json)
     got: list[int] = []
 
-    def remember(signum: int, frame: FrameType | None) -> None:
-        got.append(signum)
-
-    # uvicorn handles the signals while it runs and re-raises them when it is done; these
-    # handlers receive that re-raise, so the process exits with a status instead of dying.
-    signal.signal(signal.SIGTERM, remember)
-    signal.signal(signal.SIGINT, remember)
     app = create_app(config)
     uv = uvicorn.Config(app, host=args.host, port=args.port, loop="asyncio", lifespan="on",
                         log_level="warning", access_log=False,
                         timeout_graceful_shutdown=args.shutdown_timeout)
     server = uvicorn.Server(uv)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        got.append(signum)
+        if not server.should_exit:
+            server.handle_exit(signum, frame)
+
+    # uvicorn handles SIGINT and SIGTERM itself while it runs and re-raises them when it is
+    # done; `stop` receives that re-raise, so the process exits with a status instead of
+    # dying. SIGHUP (the terminal closed) uvicorn leaves alone: `stop` starts the same
+    # graceful shutdown for it (in-flight requests cancelled, branches aborted, processes
+    # killed). A signal before the server runs stops it as soon as it has started.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, stop)
     log = structlog.get_logger("branchagent.serve")
     log.warning("serve_starting", host=args.host, port=args.port, **config_summary(config))
     server.run()
