@@ -407,6 +407,25 @@ def test_undelegated_container_climbs_to_the_root(tmp_path: Path) -> None:
     assert leftovers(k) == []
 
 
+def test_runs_placed_at_an_ancestor_keep_the_agents_own_caps(tmp_path: Path) -> None:
+    """Leaving the container's cgroup must not leave its memory.max or pids.max behind."""
+    k = FakeKernel(tmp_path)
+    root = k.mount_v2(["cpu", "memory", "pids"], subtree=["cpu", "memory", "pids"])
+    k.cgroup("pm", subtree=["memory", "pids"])
+    (root / "pm" / "memory.max").write_text("max\n")
+    (root / "pm" / "pids.max").write_text("500\n")
+    own = k.cgroup("pm/box", procs=[ME, 5])
+    (own / "memory.max").write_text("1073741824\n")
+    (own / "pids.max").write_text("max\n")
+    h = _cgroup.detect(k)
+    assert h.placement == "ancestor"
+    assert h.v2 is not None
+    assert (h.v2 / "memory.max").read_text() == "1073741824"
+    assert (h.v2 / "pids.max").read_text() == "500"
+    assert not (h.v2 / "cpu.max").exists()  # nothing capped cpu on the way: left alone
+    h.cleanup()
+
+
 def test_nearest_ancestor_wins_a_tie(tmp_path: Path) -> None:
     k = FakeKernel(tmp_path)
     root = k.mount_v2(["cpu", "memory", "pids"], subtree=["cpu", "memory", "pids"])

@@ -402,6 +402,7 @@ class _Candidate:
     distance: int  # 0: our own cgroup, 1: its parent, ...
     gain: frozenset[str]
     is_root: bool
+    own: Path
 
 
 def _enable(fs: CgroupFs, d: Path, ctrls: Iterable[str]) -> tuple[set[str], dict[str, int]]:
@@ -433,7 +434,7 @@ def _candidates(fs: CgroupFs, mount: _Mount, own: Path) -> list[_Candidate]:
         gain = offered if (i == 0 or is_root) else enabled
         if i == 0 and not fs.may_write(d / "cgroup.subtree_control"):
             gain = enabled
-        out.append(_Candidate(d, i, frozenset(gain), is_root))
+        out.append(_Candidate(d, i, frozenset(gain), is_root, own))
     out.sort(key=lambda c: (-len(c.gain), c.distance))
     return out
 
@@ -499,11 +500,46 @@ def _apply(fs: CgroupFs, cand: _Candidate, name: str) -> _V2Choice | None:
         log.info("cgroup_parent_unavailable", path=str(parent), error=str(exc))
         return None
     inner, _ = _enable(fs, parent, have & cand.gain)
+    if cand.distance > 0:
+        _keep_envelope(fs, cand.own, d, parent, inner)
     if not _joinable(fs, parent):
         _remove_tree(fs, parent)
         return None
     return _V2Choice(parent, frozenset(inner & set(WANTED)),
                      fs.exists(parent / "cgroup.kill"), step, leaf)
+
+
+_CAP_FILES = {"memory": "memory.max", "pids": "pids.max", "cpu": "cpu.max"}
+
+
+def _cap(ctrl: str, text: str) -> float | None:
+    """A cap file's value as one number (cpu: CPUs), None for ``max`` or unreadable."""
+    words = text.split()
+    try:
+        if ctrl == "cpu":
+            return None if not words or words[0] == "max" else int(words[0]) / int(words[1])
+        return None if not words or words[0] == "max" else float(int(words[0]))
+    except (ValueError, IndexError):
+        return None
+
+
+def _keep_envelope(fs: CgroupFs, own: Path, above: Path, parent: Path, ctrls: set[str]) -> None:
+    """Runs placed at an ancestor leave the cgroups between it and our own (a
+    container's memory.max, say): carry their tightest caps over to ``parent``,
+    so a run never gets more than the agent itself was given."""
+    between = [own, *[p for p in own.parents if above in p.parents]]
+    for ctrl in sorted(ctrls):
+        name = _CAP_FILES[ctrl]
+        found = [(v, fs.read(d / name).strip()) for d in between
+                 if (v := _cap(ctrl, fs.read(d / name))) is not None]
+        if not found:
+            continue
+        _v, text = min(found)
+        try:
+            fs.write(parent / name, text)
+            log.info("cgroup_envelope_kept", path=str(parent / name), value=text)
+        except OSError as exc:
+            log.warning("cgroup_envelope_lost", path=str(parent / name), error=str(exc))
 
 
 def _joinable(fs: CgroupFs, parent: Path) -> bool:
