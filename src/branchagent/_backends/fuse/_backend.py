@@ -8,9 +8,11 @@ import fcntl
 import importlib.util
 import json
 import os
+import pwd
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -35,18 +37,45 @@ _INSTALL = ("pip install 'branchagent[fuse]' (it builds pyfuse3 against libfuse3
             "apt-get install fuse3 libfuse3-dev pkg-config)")
 
 
+def _user() -> str:
+    uid = os.geteuid()
+    try:
+        return f"{pwd.getpwuid(uid).pw_name!r} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
 def check_available() -> None:
     """Raise ``BackendUnavailable`` (saying what is missing) unless FUSE can work here."""
     if importlib.util.find_spec("pyfuse3") is None:
         raise BackendUnavailable(f"the FUSE backend needs pyfuse3: {_INSTALL}")
-    if not os.path.exists("/dev/fuse"):
+    try:
+        st = os.stat("/dev/fuse")
+    except OSError:
         raise BackendUnavailable("the FUSE backend needs /dev/fuse, which this machine lacks "
-                                 "(in a container: --device /dev/fuse); use backend='copy'")
+                                 "(modprobe fuse; in a container: --device /dev/fuse); "
+                                 "use backend='copy'") from None
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        raise BackendUnavailable("/dev/fuse is not readable and writable by this user; "
-                                 "use backend='copy' or run as a user allowed to mount FUSE")
-    if os.geteuid() != 0 and shutil.which("fusermount3") is None:
-        raise BackendUnavailable("the FUSE backend needs fusermount3 (apt-get install fuse3)")
+        try:
+            owner = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:
+            owner = str(st.st_uid)
+        raise BackendUnavailable(
+            f"/dev/fuse is not accessible to user {_user()} (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}, owner {owner}); on most distributions it is "
+            "0666: as root, `chmod 0666 /dev/fuse` (a udev rule keeps it), or use "
+            "backend='copy'")
+    if os.geteuid() != 0:
+        exe = shutil.which("fusermount3")
+        if exe is None:
+            raise BackendUnavailable("the FUSE backend needs fusermount3 to mount as a non-root "
+                                     "user (apt-get install fuse3), or use backend='copy'")
+        fm = os.stat(exe)
+        if fm.st_uid != 0 or not fm.st_mode & stat.S_ISUID:
+            raise BackendUnavailable(
+                f"{exe} is not setuid root (mode {stat.S_IMODE(fm.st_mode):04o}), so a non-root "
+                f"user cannot mount FUSE: as root, `chown root {exe} && chmod u+s {exe}` "
+                "(or reinstall fuse3), or use backend='copy'")
 
 
 def _unescape(field: str) -> str:

@@ -192,8 +192,14 @@ async def serve(root: str, state: str, fd: int, ppid: int) -> None:
     fs = BranchFS(store)
     mnt = os.path.join(store.dir, "mnt")
     options = set(pyfuse3.default_options) | {"fsname=branchagent", "subtype=branchagent"}
-    if os.geteuid() == 0:
-        options.add("allow_other")
+    # As a user, fusermount3 refuses allow_other unless fuse.conf says user_allow_other.
+    try:
+        with open("/etc/fuse.conf") as conf:  # noqa: ASYNC230 - start-up, nothing served yet
+            user_allow_other = any(ln.strip() == "user_allow_other" for ln in conf)
+    except OSError:
+        user_allow_other = False
+    if os.geteuid() == 0 or user_allow_other:  # without it, only the mounting user (also in
+        options.add("allow_other")               # its own user namespaces) reaches the mount
     pyfuse3.init(fs, mnt, options)
     try:
         async with trio.open_nursery() as nursery:
