@@ -116,7 +116,7 @@ def test_help_lists_every_command() -> None:
     r = cli("--help")
     assert r.returncode == 0
     for command in ("run", "speculate", "best-of-n", "reflexion", "tree", "beam", "status",
-                    "diff", "commit", "abort"):
+                    "diff", "commit", "abort", "doctor"):
         assert command in r.stdout
 
 
