@@ -326,15 +326,17 @@ def _check_userns() -> DoctorCheck:
 
 
 def _check_isolation() -> DoctorCheck:
-    """The sandbox's own probe (mount + PID namespaces; with --net for network=False)."""
-    if _spawn.isolation_available(True):
-        net = "; with Limits(network=False) too" if _spawn.isolation_available(False) else (
-            "; Limits(network=False) cannot work (no net namespace)")
+    """The sandbox's own probe: the run's own unshare line (with --net for network=False)."""
+    problem = _spawn.isolation_problem(True)
+    if problem is None:
+        net = _spawn.isolation_problem(False)
+        tail = ("; with Limits(network=False) too" if net is None else
+                f"; Limits(network=False) cannot work: {net}")
         return DoctorCheck("ns.isolation", True,
-                           f"Branch.run(isolate=True) works (private mount + PID namespaces){net}")
+                           f"Branch.run(isolate=True) works (private mount + PID namespaces){tail}")
     return DoctorCheck("ns.isolation", False,
-                       "Branch.run(isolate=True) raises IsolationUnavailable here",
-                       "see ns.mount / ns.pid above; or pass isolate=False (--no-isolate)")
+                       f"Branch.run(isolate=True) raises IsolationUnavailable here: {problem}",
+                       "see the ns.* lines above; or pass isolate=False (--no-isolate)")
 
 
 def _fstype(path: str) -> tuple[str, str]:
@@ -472,7 +474,7 @@ def _limit_checks(mech: Mapping[str, str | None], hints: Mapping[str, str]) -> l
             text = _UNENFORCED_TEXT[limit]
             ok = limit in ("kill",)  # a weaker fallback still ends the run's tree
             fix = hints.get(limit) or (
-                "use the FUSE backend (the default): it enforces Limits.disk"
+                "make the FUSE backend work (the fuse.* lines): it enforces Limits.disk"
                 if limit == "disk" else "no cgroup controller for it is reachable here")
             out.append(DoctorCheck(f"limit.{limit}", ok, text, fix))
         else:
