@@ -385,6 +385,32 @@ class FuseBackend:
             raise error_from_json(reply["err"])
         return reply.get("ok")
 
+    async def ping(self, timeout: float) -> float:
+        """Seconds the filesystem process took to answer a no-op request.
+
+        Raises ``BackendError`` when no answer came within ``timeout`` (the server is
+        stuck or gone). Unlike the other requests, the wait is not shielded: the
+        request is a few bytes, so only the wait for its answer can be cut short, and a
+        late answer is skipped by the next request (replies are matched by id).
+        """
+        if self._stream is None:
+            raise WorkspaceClosed("the FUSE backend is not open")
+        started = time.perf_counter()
+        async with self._lock:
+            self._rid += 1
+            rid = self._rid
+            with anyio.CancelScope(shield=True):
+                try:
+                    await _send(self._stream, encode({"id": rid, "op": "ping"}))
+                except OSError as exc:
+                    raise BackendError(
+                        f"the FUSE server process went away (see {self._log_path()})") from exc
+            with anyio.move_on_after(timeout):
+                while (await self._receive()).get("id") != rid:
+                    pass
+                return time.perf_counter() - started
+        raise BackendError(f"the FUSE server did not answer a ping within {timeout} s")
+
     # -- Backend protocol -----------------------------------------------------------------------
 
     async def create(self, name: str, parent: str | None) -> Path:
@@ -411,6 +437,7 @@ class FuseBackend:
     async def old_content(self, name: str, parent: str | None, path: str) -> bytes | None:
         raw = await self._call("old_content", name=name, parent=parent, path=path)
         return None if raw is None else base64.b64decode(raw)
+
 
     async def usage(self, name: str) -> Usage:
         raw = await self._call("usage", name=name)
