@@ -1,7 +1,8 @@
 """Hostile candidates: whatever a candidate does, the base survives, the machine stays
 responsive, and nothing it started outlives its run or its branch.
 
-Every case runs real processes against the copy backend and checks three things:
+Every case runs real processes against the copy backend (the disk-limit case against
+the FUSE backend, the one that can enforce it) and checks three things:
 
 - the base workspace is byte-identical afterwards (paths, types, bytes, modes,
   mtimes, symlink targets: :func:`snapshot`);
@@ -19,6 +20,7 @@ fallback tests emulate a host without cgroups by replacing the detected host.
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import socket
@@ -35,6 +37,7 @@ import attrs
 import pytest
 
 import branchagent as ba
+from branchagent._backends.fuse._backend import check_available
 from branchagent._sandbox import _cgroup
 from branchagent._sandbox._run import isolation_available
 
@@ -623,11 +626,74 @@ async def test_a_sparse_file_is_committed_by_rename_not_copied(repo: Path) -> No
         assert (st.st_size, st.st_blocks) == (256 << 20, 0)
 
 
-def test_real_data_writer_is_bounded_by_a_disk_quota() -> None:
-    if "disk" not in attrs.fields_dict(ba.Limits):
-        pytest.skip("no per-branch disk quota: needs a quota-enabled filesystem "
-                    "(e.g. XFS project quotas); documented")
-    pytest.fail("Limits has a disk quota now: write the real-data writer case here")
+def _fuse_unavailable() -> str | None:
+    try:
+        check_available()
+    except ba.BackendUnavailable as exc:
+        return f"a disk limit needs the FUSE backend (pyfuse3 and /dev/fuse): {exc}"
+    return None
+
+
+def _disk_used(path: Path) -> int:
+    """Bytes really allocated under ``path`` (st_blocks), as ``du`` counts them."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
+
+
+REAL_DATA_WRITER = """
+import os, sys
+n = 0
+with open("junk-%d.bin" % os.getpid(), "wb", buffering=0) as f:
+    try:
+        while n < (256 << 20):
+            n += f.write(os.urandom(1 << 20))
+    except OSError as exc:
+        print(n, exc.errno)
+        sys.exit(0)
+print(n, 0)
+"""
+
+
+@needs_isolation
+@ONE_LOOP
+@pytest.mark.skipif(_fuse_unavailable() is not None, reason=str(_fuse_unavailable()))
+async def test_real_data_writer_is_bounded_by_a_disk_quota(repo: Path) -> None:
+    """Incompressible data, written as fast as it goes: the branch stops at its limit
+    with EDQUOT, the disk under the state directory holds no more than that, and the
+    base, a sibling and the workspace's limit on other branches are untouched."""
+    assert "disk" in attrs.fields_dict(ba.Limits)
+    tok = new_token()
+    before = snapshot(repo)
+    limit = 8 << 20
+    state = repo.parent / "state"
+    with anyio.fail_after(120):
+        async with ba.open_workspace(repo, state_dir=state, disk_limit=limit) as ws:
+            b = await ws.fork()
+            sibling = await ws.fork()
+            (sibling.path / "keep.txt").write_text("kept\n")
+            r = await b.run(py(REAL_DATA_WRITER, tok), env={TOKEN_VAR: tok},
+                            limits=ba.Limits(timeout=60))
+            assert r.returncode == 0, r.stderr
+            written, err = map(int, r.stdout.split())
+            assert err == errno.EDQUOT, r.stdout
+            assert written == limit  # cut short at the limit exactly, then refused
+            assert (await b.usage()).bytes == limit
+            assert _disk_used(state / "fuse" / "layers") < limit + (1 << 20)
+            # Two writers at once share the one limit: nothing more fits.
+            r2 = await b.run(["sh", "-c", f"{sys.executable} -c '{REAL_DATA_WRITER}' & "
+                              f"{sys.executable} -c '{REAL_DATA_WRITER}'; wait"],
+                             env={TOKEN_VAR: tok}, limits=ba.Limits(timeout=60))
+            assert r2.stdout.split() == ["0", str(errno.EDQUOT)] * 2, r2
+            assert (await b.usage()).bytes == limit
+            assert await wait_pids(tok, present=False) == []
+            assert (sibling.path / "keep.txt").read_text() == "kept\n"
+            assert (await sibling.usage()).bytes == len("kept\n")
+            await b.abort()
+            assert _disk_used(state / "fuse" / "layers") < 1 << 20
+    assert snapshot(repo) == before, "the base workspace changed"
 
 
 # -- network --------------------------------------------------------------------------------------
