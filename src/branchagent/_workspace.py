@@ -535,9 +535,12 @@ class Workspace:
                 await b._send_disk_limit()
         except BaseException:
             self._open.pop(name, None)
-            if self._backend.exists(name):
+            if self._backend.exists(name):  # made, but its limit could not be set
                 with anyio.CancelScope(shield=True):
-                    await self._backend.abort(name)
+                    try:
+                        await self._backend.abort(name)
+                    except Exception as exc:  # cleaned at the next open; keep the first error
+                        log.warning("branch_release_failed", branch=name, error=str(exc))
             raise
         b._path = path
         (parent._children if parent is not None else self._top).append(b)

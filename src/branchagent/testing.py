@@ -58,7 +58,7 @@ import anyio.to_thread
 import attrs
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from ._branch import Backend, Branch, BranchState, ChangeKind, EntryType
+from ._branch import Backend, Branch, BranchState, ChangeKind, EntryType, Usage
 from ._workspace import Workspace, open_workspace
 from .exceptions import (
     BranchClosed,
@@ -1044,6 +1044,38 @@ async def check_reopen_keeps_branches(factory: BackendFactory) -> None:
             _assert_tree(await _tree(ws.path), s2, "the base after committing reopened branches")
 
 
+def _assert_usage(got: Usage, nbytes: int, files: int, what: str) -> None:
+    if (got.bytes, got.files) != (nbytes, files):
+        raise AssertionError(f"{what}: usage() is {got!r}, expected bytes={nbytes}, "
+                             f"files={files}")
+
+
+async def check_usage(factory: BackendFactory) -> None:
+    """``usage()``: a fresh branch holds nothing; a file made counts its size, a file
+    changed its whole size, a symlink its target's length; directories and deletions
+    count nothing; a sibling and a child hold none of the parent's files."""
+    async with _scratch() as tmp, _open(factory, tmp) as ws:
+        b = await ws.fork()
+        _assert_usage(await b.usage(), 0, 0, "a fresh branch")
+
+        def edit() -> None:
+            _put(b.path / "new.bin", b"n" * 5000)
+            os.mkdir(b.path / "newdir")
+            os.symlink("new.bin", b.path / "newdir" / "ln")
+            _write_file(b.path / "README.md", b"more\n", os.O_APPEND)
+            os.unlink(b.path / "run.sh")
+
+        await _fs(edit)
+        readme = len(SEED["README.md"].data) + len(b"more\n")
+        _assert_usage(await b.usage(), 5000 + len("new.bin") + readme, 3,
+                      "a branch that made a file and a symlink, changed one, deleted one")
+        await _fs(os.unlink, b.path / "new.bin")
+        _assert_usage(await b.usage(), len("new.bin") + readme, 2,
+                      "the same branch after deleting the file it made")
+        _assert_usage(await (await ws.fork()).usage(), 0, 0, "its fresh sibling")
+        _assert_usage(await (await b.fork()).usage(), 0, 0, "its fresh child")
+
+
 _CHECKS: dict[str, Check] = {
     "first_commit_wins": check_first_commit_wins,
     "conflict_changes_nothing": check_conflict_changes_nothing,
@@ -1064,6 +1096,7 @@ _CHECKS: dict[str, Check] = {
     "branch_context_manager": check_branch_context_manager,
     "workspace_exit": check_workspace_exit,
     "reopen_keeps_branches": check_reopen_keeps_branches,
+    "usage": check_usage,
 }
 
 
