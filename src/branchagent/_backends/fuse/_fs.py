@@ -497,7 +497,8 @@ class BranchFS(pyfuse3.Operations):
                 st = os.lstat(old_real)
                 new_real = view.copy_up(Found(path, old_top, old_real, st, None))
                 copied[old_real] = new_real
-                b.quota.charge(cost(os.lstat(new_real)))
+                if b.quota.limit is not None:
+                    b.quota.charge(cost(os.lstat(new_real)))
             fd = os.open(new_real, (h.flags & ~(_OPEN_DROP | os.O_TRUNC)) | os.O_NOFOLLOW
                          | os.O_CLOEXEC)
             os.close(h.fd)
