@@ -19,6 +19,7 @@ import cloudpickle  # type: ignore[import-untyped]
 from .._limits import Limits
 from ..exceptions import ProcessKilled, RemoteError, SandboxError
 from ._cgroup import RunCgroup
+from ._child import dumps
 from ._run import RunResult
 from ._spawn import check_markers, spawn
 
@@ -86,7 +87,7 @@ async def call_in(
     try:
         # The caller's sys.path goes first, on its own: functions pickled by reference
         # (from the caller's modules) must be importable before the payload is loaded.
-        blob = pickle.dumps(list(sys.path)) + cloudpickle.dumps((fn, args, dict(kwargs), info))
+        blob = pickle.dumps(list(sys.path)) + dumps((fn, args, dict(kwargs), info))
     except Exception as exc:
         raise SandboxError(f"cannot send {fn!r} to an isolated process: {exc}") from exc
     limits = limits or Limits()
