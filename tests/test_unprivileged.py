@@ -456,8 +456,18 @@ def test_fuse_backend_without_dev_fuse_access_says_so(user: User) -> None:
             err = None
         with capture_logs() as logs:
             chosen = default_backend()
-        return {"err": err, "chosen": chosen, "logs": [
-            {k: v for k, v in e.items() if k in ("event", "reason")} for e in logs]}
+        # Not asked for by name: the workspace opens on the copy backend and works.
+        with capture_logs() as opened_logs:
+            async with ba.open_workspace(ws_path) as ws:
+                used = ws.backend.name
+                async with ws.branch() as b:
+                    (b.path / "by-default.txt").write_text("ok")
+        committed = open(os.path.join(ws_path, "by-default.txt")).read()
+        return {"err": err, "chosen": chosen, "used": used, "committed": committed,
+                "fallback_logged": [e.get("chosen") for e in opened_logs
+                                    if e["event"] == "backend_fallback"],
+                "logs": [{k: v for k, v in e.items() if k in ("event", "reason")}
+                         for e in logs]}
     """, fuse="root")
     err = out["err"]
     assert isinstance(err, str), "the FUSE backend opened without access to /dev/fuse"
@@ -467,3 +477,6 @@ def test_fuse_backend_without_dev_fuse_access_says_so(user: User) -> None:
     assert "backend='copy'" in err
     assert out["chosen"] == "copy"
     assert out["logs"] == [{"event": "backend_fallback", "reason": err}]
+    assert out["used"] == "copy"
+    assert out["committed"] == "ok"
+    assert out["fallback_logged"] == ["copy"]

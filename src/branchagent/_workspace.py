@@ -19,7 +19,7 @@ import attrs
 import sniffio
 import structlog
 
-from ._backends import load_backend
+from ._backends import default_backend, load_backend
 from ._branch import (
     Backend,
     Branch,
@@ -771,15 +771,17 @@ def _resolve_paths(
 async def open_workspace(
     path: str | os.PathLike[str],
     *,
-    backend: str | Backend = "fuse",
+    backend: str | Backend | None = None,
     state_dir: str | os.PathLike[str] | None = None,
     keep_branches: bool = False,
     disk_limit: int | str | None = None,
 ) -> AsyncIterator[Workspace]:
     """Open ``path`` as a workspace whose branches ``backend`` manages.
 
-    ``backend`` is a name from the ``branchagent.backends`` entry points
-    (``"fuse"`` by default) or a backend instance. ``state_dir`` holds branch
+    ``backend`` is a name from the ``branchagent.backends`` entry points or a
+    backend instance. By default it is ``"fuse"`` where FUSE can work for this
+    user here, else ``"copy"`` (the reason is logged as ``backend_fallback``,
+    with its fix); a backend asked for by name is never replaced. ``state_dir`` holds branch
     data and metadata; by default it sits beside the workspace, on the same
     filesystem, so commits move data by rename. On exit every open branch is
     aborted (``keep_branches=True`` leaves them for a later open instead) and
@@ -795,6 +797,8 @@ async def open_workspace(
     disk = _disk_size(disk_limit, "disk_limit")
     root, sdir = await anyio.to_thread.run_sync(_resolve_paths, path, state_dir)
     await log_host_capabilities()  # debug, once per process
+    if backend is None:
+        backend = await anyio.to_thread.run_sync(default_backend)
     if isinstance(backend, str):
         be = load_backend(backend)
     elif isinstance(backend, Backend):

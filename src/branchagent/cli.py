@@ -15,7 +15,8 @@
 
 Common options (before or after the command): ``-w/--workspace DIR`` (default:
 the current directory), ``--backend NAME`` (default: the backend recorded in
-the workspace's state directory, else the library default ``fuse``),
+the workspace's state directory, else the library default: ``fuse`` where it
+can work, else ``copy``),
 ``--json`` (one JSON document on stdout; for strategies ``Outcome.to_json()``),
 ``-q/--quiet``, ``-v/--verbose``. Commands run in a branch take ``--timeout``,
 ``--max-parallel``, ``--memory``, ``--pids``, ``--cpu`` and ``--no-isolate``.
@@ -888,7 +889,7 @@ async def _work(run: _Run) -> tuple[int, Any]:
                          f"({sdir} does not exist)")
     # Built before the workspace opens: a missing strategy or a bad option costs nothing.
     strategy = _build_strategy(args, run.progress) if args.command in STRATEGY_OF else None
-    backend = args.backend or await anyio.to_thread.run_sync(_recorded_backend, path) or "fuse"
+    backend = args.backend or await anyio.to_thread.run_sync(_recorded_backend, path)
     opened = False
     try:
         # keep_branches: what an earlier (crashed) run left stays for `status`; what this
