@@ -423,10 +423,13 @@ def _platform_checks() -> list[DoctorCheck]:
         init = _read("/proc/1/comm") or "?"
         detail = (f"{exe} present, but systemd is not the init (PID 1 is {init}): "
                   "it cannot start units" if exe else "systemd-run not found on PATH")
-        out.append(DoctorCheck(
-            "systemd-run", False, detail,
-            "only needed for a delegated cgroup as an ordinary user "
-            "(systemd-run --user --scope -p Delegate=yes -- CMD) on a systemd host"))
+        if uid == 0:  # root places its cgroups itself: a delegated scope is never used
+            out.append(DoctorCheck("systemd-run", True, detail + "; not needed as root"))
+        else:
+            out.append(DoctorCheck(
+                "systemd-run", False, detail,
+                "only needed for a delegated cgroup as an ordinary user "
+                "(systemd-run --user --scope -p Delegate=yes -- CMD) on a systemd host"))
     return out
 
 
