@@ -26,11 +26,11 @@ find_python() {
         "python$version" -c 'import sys; print(sys.executable)'
         return
     fi
-    root=$(pyenv root 2>/dev/null || echo "${PYENV_ROOT:-$HOME/.pyenv}")
+    root=$(pyenv root 2>/dev/null || echo "${PYENV_ROOT:-${HOME:-}/.pyenv}")
     if [[ -d "$root/versions" ]]; then
         # The newest installed X.Y.Z (not X.Y-dev, X.Yt, ...).
         for candidate in $(ls -d "$root/versions/$version".* 2>/dev/null | sort -rV); do
-            if [[ "${candidate##*/}" =~ ^$version\.[0-9]+$ ]] \
+            if [[ "${candidate##*/}" =~ ^${version//./\\.}\.[0-9]+$ ]] \
                     && "$candidate/bin/python$version" -c "$is_version" >/dev/null 2>&1; then
                 echo "$candidate/bin/python$version"
                 return
