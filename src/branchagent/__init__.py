@@ -5,6 +5,7 @@ from __future__ import annotations
 from ._backends import available_backends, load_backend
 from ._branch import Backend, Branch, BranchState, Change, ChangeKind, EntryType, Usage
 from ._doctor import DoctorCheck, DoctorReport, doctor
+from ._events import Event, observe
 from ._limits import Limits
 from ._sandbox._run import RunResult
 from ._strategy import (
@@ -91,6 +92,7 @@ __all__ = [
     "DoctorCheck",
     "DoctorReport",
     "EntryType",
+    "Event",
     "Executor",
     "InvalidBranchName",
     "Isolated",
@@ -125,6 +127,7 @@ __all__ = [
     "doctor",
     "get_strategy",
     "load_backend",
+    "observe",
     "open_workspace",
     "run_candidate",
 ]
