@@ -26,17 +26,35 @@ naturally catch (``LookupError``, ``ValueError``, ``OSError``, ...), so
     │   ├── IsolationUnavailable         (RuntimeError)
     │   ├── ProcessKilled                (ChildProcessError)
     │   └── RemoteError
-    └── StrategyError
-        ├── StrategyNotFound             (LookupError)
-        └── CandidateError
+    ├── StrategyError
+    │   ├── StrategyNotFound             (LookupError)
+    │   └── CandidateError
+    ├── LLMError                                       [branchagent.llm]
+    │   ├── ApplyError                   (ValueError)
+    │   └── SourceError                  (RuntimeError)
+    ├── ServeError                                     [branchagent.serve]
+    └── UsageError                       (ValueError)  [branchagent.cli]
 
 Errors from libraries and the OS are translated at the boundary with
-``raise Ours(...) from exc`` so the original stays attached.
+``raise Ours(...) from exc`` so the original stays attached. The errors of
+:mod:`branchagent.llm`, :mod:`branchagent.serve` and :mod:`branchagent.cli`
+are defined here, with the rest of the tree, and re-exported by those modules.
+
+``ApplyError``: a completion could not be turned into a change on its branch
+(a diff hunk that does not apply, no fenced block naming a file, a path
+outside the branch, a returned command that failed); it fails that candidate
+only. ``SourceError``: the model (an offline ``vllm.LLM`` or an
+OpenAI-compatible server) failed to produce candidates; the library's own
+exception is attached as ``__cause__``. ``ServeError``: what the server
+answers a request with, as an OpenAI-shaped JSON body and an HTTP status.
+``UsageError``: the ``branchagent`` command was used wrongly, or the host
+lacks what it needs; it exits 2 with a message that says what to do.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "ApplyError",
     "BackendError",
     "BackendNotFound",
     "BackendUnavailable",
@@ -51,12 +69,16 @@ __all__ = [
     "ConflictError",
     "InvalidBranchName",
     "IsolationUnavailable",
+    "LLMError",
     "PathEscapeError",
     "ProcessKilled",
     "RemoteError",
     "SandboxError",
+    "ServeError",
+    "SourceError",
     "StrategyError",
     "StrategyNotFound",
+    "UsageError",
     "WorkspaceClosed",
     "WorkspaceCorrupt",
     "WorkspaceError",
@@ -198,3 +220,41 @@ class StrategyNotFound(StrategyError, LookupError):
 
 class CandidateError(StrategyError):
     """A candidate returned something that is not a verdict."""
+
+
+# -- llm ---------------------------------------------------------------------
+
+
+class LLMError(BranchAgentError):
+    """Base class of the errors of :mod:`branchagent.llm`."""
+
+
+class ApplyError(LLMError, ValueError):
+    """A completion could not be applied to its branch; the message says where and why."""
+
+
+class SourceError(LLMError, RuntimeError):
+    """The model failed to produce candidates (the original error is the ``__cause__``)."""
+
+
+# -- serve -------------------------------------------------------------------
+
+
+class ServeError(BranchAgentError):
+    """An error :mod:`branchagent.serve` answers with: an HTTP ``status`` and an
+    OpenAI-shaped body, ``{"error": {"message", "type", "code"}}``."""
+
+    def __init__(self, status: int, message: str, type_: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.code = code or type_
+
+
+# -- the command line --------------------------------------------------------
+
+
+class UsageError(BranchAgentError, ValueError):
+    """A usage or environment problem: ``branchagent`` exits 2 with a message that says
+    what to do."""

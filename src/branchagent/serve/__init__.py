@@ -38,7 +38,8 @@ and the response's top level ``response["branchagent"] = {"best_of", "n",
 ``error`` says why a candidate failed to apply (``"ApplyError: ..."``) or was
 killed. ``best_of`` and ``commit`` are not sent upstream.
 
-Errors come as OpenAI-shaped JSON, ``{"error": {"message", "type", "code"}}``:
+Errors (:class:`ServeError`, a :class:`~branchagent.BranchAgentError`) come as
+OpenAI-shaped JSON, ``{"error": {"message", "type", "code"}}``:
 400 for a malformed request (not JSON, missing ``prompt``/``messages``, bad
 ``n``/``best_of``/``commit``, ``best_of < n``, ``temperature`` 0 with
 ``best_of > 1``, ``stream``), 502 when upstream fails or answers an error,
@@ -63,8 +64,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ..exceptions import ServeError
+
 if TYPE_CHECKING:
-    from ._app import APPLY_MODES, EXTENSION, ServeConfig, ServeError, create_app, resolve_apply
+    from ._app import APPLY_MODES, EXTENSION, ServeConfig, create_app, resolve_apply
 
 __all__ = ["APPLY_MODES", "EXTENSION", "ServeConfig", "ServeError", "create_app", "resolve_apply"]
 

@@ -25,6 +25,7 @@ from .._branch import Branch
 from .._limits import Limits
 from .._strategy import Command, run_candidate
 from .._workspace import Workspace, open_workspace
+from ..exceptions import ServeError
 from ..llm import (
     Apply,
     ApplyError,
@@ -49,21 +50,12 @@ APPLY_MODES = ("auto", "diff", "code", "command", "file:PATH")
 _OUR_FIELDS = ("best_of", "commit")
 
 
-class ServeError(Exception):
-    """An error answered with an OpenAI-shaped JSON body and an HTTP status."""
-
-    def __init__(self, status: int, message: str, type_: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type_
-        self.code = code or type_
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(
-            {"error": {"message": self.message, "type": self.type, "code": self.code}},
-            status_code=self.status,
-        )
+def _error_response(exc: ServeError) -> JSONResponse:
+    """``exc`` as the OpenAI-shaped JSON body, with its HTTP status."""
+    return JSONResponse(
+        {"error": {"message": exc.message, "type": exc.type, "code": exc.code}},
+        status_code=exc.status,
+    )
 
 
 def _bad_request(message: str) -> ServeError:
@@ -455,11 +447,11 @@ def create_app(config: ServeConfig) -> Starlette:
                 response: Response = JSONResponse(doc)
             except ServeError as exc:
                 fields = {"error": exc.message[:300]}
-                response = exc.response()
+                response = _error_response(exc)
             except Exception as exc:
                 fields = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-                response = ServeError(500, f"internal error: {type(exc).__name__}: {exc}",
-                                      "server_error").response()
+                response = _error_response(ServeError(
+                    500, f"internal error: {type(exc).__name__}: {exc}", "server_error"))
             req_log.info("serve_request", id=rid, method=request.method,
                          path=request.url.path, status=response.status_code,
                          duration_ms=round((time.monotonic() - started) * 1e3, 3), **fields)
