@@ -67,7 +67,7 @@ def test_conformance_suite_covers_fuse() -> None:
     """tests/test_conformance.py runs the public suite (the 200x50 model check and every
     targeted check, unchanged) on every registered backend: make sure fuse is one."""
     assert "fuse" in ba.available_backends()
-    assert getattr(ba.load_backend("fuse"), "isolates_outside_writes", True) is False
+    assert ba.load_backend("fuse").isolates_outside_writes is False
 
 
 # -- real tools in a branch, then committed ----------------------------------------------------
@@ -211,7 +211,7 @@ async def test_control_requests_for_unknown_or_dead_branches(repo: Path) -> None
             with pytest.raises(ba.BranchNotFound):
                 await be.changes(name, None)
             with pytest.raises(ba.BranchNotFound):
-                await be.commit(name, None)
+                await be.commit(name)
             with pytest.raises(ba.BranchNotFound):
                 await be.old_content(name, None, "README.md")
             await be.abort(name)  # idempotent
@@ -220,7 +220,8 @@ async def test_control_requests_for_unknown_or_dead_branches(repo: Path) -> None
         with pytest.raises(ba.BranchNotFound, match="not a top-level branch"):
             await be.changes("kid", None)
         with pytest.raises(ba.BranchNotFound, match="not a child of 'kid'"):
-            await be.commit("top", "kid")
+            await be.changes("top", "kid")
+        await be.abort_many(["nope", "gone"])  # unknown names: nothing to do
         await k.abort()
         await c.commit()
         assert sorted(os.listdir(be.mountpoint)) == []

@@ -55,7 +55,7 @@ def test_generations_read_back_exactly_and_do_not_pile_up(tmp_path: Path) -> Non
             s.create(f"k{i}", None)  # a branch kept open on this generation
             kept.append(f"k{i}")
             s.watch.read()
-        s.commit(f"w{i}", None)
+        s.commit(f"w{i}")
         for name in kept[:-2]:  # (a commit into the base invalidates siblings)
             s.abort(name)
         kept = kept[-2:]

@@ -1,4 +1,8 @@
-"""The Branch protocol, its states, and the rules every backend shares.
+"""The branch lifecycle and its rules: names, paths inside a branch.
+
+The protocols (:class:`Branch`, :class:`Backend`) live in :mod:`._protocols` and
+the values (:class:`BranchState`, :class:`Change`, ...) in :mod:`._types`; both
+are re-exported here, where older code imports them from.
 
 Lifecycle::
 
@@ -21,21 +25,12 @@ Rules (enforced by the workspace, so every backend gets them):
 
 from __future__ import annotations
 
-import enum
 import os
-from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import attrs
-
+from ._protocols import Backend, Branch
+from ._types import BranchState, Change, ChangeKind, EntryType, Usage
 from .exceptions import InvalidBranchName, PathEscapeError
-
-if TYPE_CHECKING:
-    from contextlib import AbstractAsyncContextManager
-
-    from ._limits import Limits
-    from ._sandbox._run import RunResult
 
 __all__ = [
     "Backend",
@@ -50,134 +45,6 @@ __all__ = [
 ]
 
 MAX_NAME_BYTES = 255
-
-
-class BranchState(enum.Enum):
-    """Where a branch is in its lifecycle."""
-
-    OPEN = "open"
-    COMMITTED = "committed"
-    ABORTED = "aborted"
-    INVALIDATED = "invalidated"
-
-
-class ChangeKind(enum.Enum):
-    """What happened to a path since the fork."""
-
-    ADDED = "added"
-    MODIFIED = "modified"
-    DELETED = "deleted"
-
-
-class EntryType(enum.Enum):
-    """The type of a filesystem entry."""
-
-    FILE = "file"
-    DIR = "dir"
-    SYMLINK = "symlink"
-    FIFO = "fifo"
-
-
-@attrs.frozen(order=True)
-class Change:
-    """One changed path, relative to the branch root (POSIX separators).
-
-    ``entry_type`` is the type after the change (before it, for a deletion);
-    ``old_type`` the type before it (``None`` for an addition). ``metadata_only``
-    is true when only mode or mtime changed, not content or type.
-    """
-
-    path: str
-    kind: ChangeKind = attrs.field(order=lambda k: k.value)
-    entry_type: EntryType = attrs.field(order=lambda k: k.value)
-    old_type: EntryType | None = attrs.field(
-        default=None, order=lambda k: "" if k is None else k.value
-    )
-    metadata_only: bool = False
-
-
-@attrs.frozen(kw_only=True)
-class Usage:
-    """What a branch holds privately: its copy-on-write cost (see :meth:`Branch.usage`).
-
-    ``bytes`` is the apparent size of the regular files (plus the target
-    length of the symlinks) the branch's own copy-on-write storage holds: files
-    it made, and files it changed in any way, at their whole size. ``files``
-    counts those entries (files, symlinks, FIFOs; directories and deletions are
-    not counted). ``disk_limit`` is the cap on ``bytes`` in force now (``None``:
-    none), set by ``fork(disk_limit=...)``, the workspace's ``disk_limit``, or a
-    running ``run(limits=Limits(disk=...))``. A fresh branch holds 0 bytes in 0 files.
-    """
-
-    bytes: int
-    files: int
-    disk_limit: int | None = None
-
-
-@runtime_checkable
-class Branch(Protocol):
-    """An isolated, copy-on-write view of a workspace (or of another branch).
-
-    ``path`` is a real directory any process can use. Every method raises
-    ``BranchClosed`` once the branch is no longer OPEN.
-    """
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def path(self) -> Path: ...
-
-    @property
-    def parent(self) -> Branch | None: ...
-
-    @property
-    def state(self) -> BranchState: ...
-
-    @property
-    def depth(self) -> int: ...
-
-    async def fork(self, name: str | None = None, *,
-                   disk_limit: int | str | None = None) -> Branch: ...
-
-    def branch(self, name: str | None = None) -> AbstractAsyncContextManager[Branch]: ...
-
-    async def commit(self) -> None: ...
-
-    async def abort(self) -> None: ...
-
-    async def changes(self) -> list[Change]: ...
-
-    async def diff(self) -> str: ...
-
-    async def usage(self) -> Usage: ...
-
-    def resolve(self, path: str | os.PathLike[str]) -> Path: ...
-
-    async def run(
-        self,
-        argv: Sequence[str],
-        *,
-        limits: Limits | None = None,
-        isolate: bool = True,
-        env: Mapping[str, str] | None = None,
-        stdin: bytes | None = None,
-        timeout: float | None = None,
-    ) -> RunResult: ...
-
-    async def call(
-        self,
-        fn: Callable[..., Any],
-        *args: Any,
-        limits: Limits | None = None,
-        isolate: bool = True,
-        env: Mapping[str, str] | None = None,
-        **kwargs: Any,
-    ) -> Any: ...
-
-    async def pause(self) -> None: ...
-
-    async def resume(self) -> None: ...
 
 
 def check_branch_name(name: object) -> str:
@@ -231,59 +98,3 @@ def resolve_inside(root: Path, path: str | os.PathLike[str]) -> Path:
 def relative_posix(root: Path, path: Path) -> str:
     """``path`` relative to ``root`` as a POSIX string."""
     return PurePosixPath(*path.relative_to(root).parts).as_posix()
-
-
-@runtime_checkable
-class Backend(Protocol):
-    """What a storage backend implements. The workspace owns the lifecycle rules.
-
-    Names given to a backend are already validated; ``parent`` is ``None``
-    for the workspace's base directory. A backend is opened once, used by
-    one workspace, and closed once (closing twice is harmless).
-
-    A backend may say how it enforces disk limits before any branch exists with
-    a ``disk_limits`` attribute (``"fuse"``, or ``None``: it cannot); one
-    without it is taken as unable to.
-    """
-
-    name: str
-
-    async def open(self, root: Path, state_dir: Path) -> None:
-        """Take over ``root``; recover unfinished commits; keep data of surviving branches."""
-
-    async def create(self, name: str, parent: str | None) -> Path:
-        """Make branch ``name`` as a snapshot of ``parent`` and return its directory."""
-
-    async def commit(self, name: str, parent: str | None) -> list[Change]:
-        """Merge ``name`` into ``parent`` atomically, then release ``name``'s storage.
-
-        Raises ``ConflictError`` or ``CommitFailed`` and changes nothing on failure.
-        """
-
-    async def abort(self, name: str) -> None:
-        """Release ``name``'s storage. Idempotent."""
-
-    async def changes(self, name: str, parent: str | None) -> list[Change]:
-        """What ``name`` changed since it was forked from ``parent``."""
-
-    async def old_content(self, name: str, parent: str | None, path: str) -> bytes | None:
-        """Content of file ``path`` as ``name`` saw it at the fork; None when not available."""
-
-    async def usage(self, name: str) -> Usage:
-        """What ``name``'s own copy-on-write storage holds (see :class:`Usage`)."""
-
-    async def set_disk_limit(self, name: str, limit: int | None) -> str | None:
-        """Cap the bytes ``name``'s own storage may hold (``None``: no cap).
-
-        Returns how the cap is enforced (``"fuse"``: writes past it fail with
-        ``EDQUOT``), or ``None`` when this backend cannot enforce one.
-        """
-
-    def path(self, name: str | None) -> Path:
-        """The directory of branch ``name`` (the base for ``None``)."""
-
-    def exists(self, name: str) -> bool:
-        """Whether ``name``'s storage survives (used when reopening after a crash)."""
-
-    async def aclose(self) -> None:
-        """Release every resource. Idempotent."""

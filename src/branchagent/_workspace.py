@@ -8,7 +8,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +31,9 @@ from ._branch import (
 )
 from ._diff import render_diff
 from ._doctor import log_host_capabilities
+from ._events import emit
 from ._limits import Limits, parse_size
+from ._rwlock import RWLock
 from ._sandbox._cgroup import RunCgroup
 from ._sandbox._pycall import call_in
 from ._sandbox._run import RunResult, run_in
@@ -75,50 +77,6 @@ def _no_disk_limits(backend: Backend, what: str) -> BackendUnavailable:
         "to have it reported as not enforced")
 
 
-class _TreeLock:
-    """Readers-writer lock over one tree (the base, or a branch's files).
-
-    Forks and reads of a tree share it (they only read the tree, so forks of
-    one parent copy in parallel); a commit into the tree, and the release of
-    a branch's storage, hold it exclusively.
-    """
-
-    def __init__(self) -> None:
-        # fast_acquire: an uncontended acquire does not yield to the event loop (a fork
-        # takes three such locks; each yield was a loop iteration on its path).
-        self._cond = anyio.Condition(anyio.Lock(fast_acquire=True))
-        self._readers = 0
-        self._writer = False
-
-    @asynccontextmanager
-    async def shared(self) -> AsyncIterator[None]:
-        async with self._cond:
-            while self._writer:
-                await self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with anyio.CancelScope(shield=True):
-                async with self._cond:
-                    self._readers -= 1
-                    self._cond.notify_all()
-
-    @asynccontextmanager
-    async def exclusive(self) -> AsyncIterator[None]:
-        async with self._cond:
-            while self._writer or self._readers:
-                await self._cond.wait()
-            self._writer = True
-        try:
-            yield
-        finally:
-            with anyio.CancelScope(shield=True):
-                async with self._cond:
-                    self._writer = False
-                    self._cond.notify_all()
-
-
 class WorkspaceBranch:
     """A branch of a :class:`Workspace` (implements the :class:`Branch` protocol)."""
 
@@ -132,7 +90,7 @@ class WorkspaceBranch:
         self._state = BranchState.OPEN
         self._why_closed = ""
         self._children: list[WorkspaceBranch] = []
-        self._lock = _TreeLock()
+        self._lock = RWLock()
         self._runs: set[anyio.CancelScope] = set()
         self._active: dict[anyio.CancelScope, tuple[RunCgroup | None, int]] = {}
         self._disk: int | None = None  # its own disk limit (fork's, inherited, the workspace's)
@@ -245,7 +203,7 @@ class WorkspaceBranch:
         """Tell the backend the limit in force now; return how it enforces it."""
         async with self._disk_lock:
             limit = self.disk_limit
-            how = getattr(self._ws._backend, "disk_limits", None)
+            how = self._ws._backend.disk_limits
             if limit != self._disk_sent and self._state is BranchState.OPEN:
                 how = await self._ws._backend.set_disk_limit(self._name, limit)
                 self._disk_sent = limit
@@ -416,9 +374,9 @@ class WorkspaceBranch:
 
 @asynccontextmanager
 async def _branch_cm(
-    fork: object, name: str | None
+    fork: Callable[[str | None], Awaitable[WorkspaceBranch]], name: str | None
 ) -> AsyncIterator[Branch]:
-    b: WorkspaceBranch = await fork(name)  # type: ignore[operator]
+    b = await fork(name)
     try:
         yield b
     except BaseException:
@@ -446,7 +404,7 @@ class Workspace:
         self._backend = backend
         self._closed = False
         self._lock = anyio.Lock(fast_acquire=True)
-        self._base_lock = _TreeLock()
+        self._base_lock = RWLock()
         self._persist_lock = anyio.Lock()  # one writer of branches.json at a time
         self._open: dict[str, WorkspaceBranch] = {}
         self._top: list[WorkspaceBranch] = []
@@ -495,7 +453,7 @@ class Workspace:
 
     # -- lifecycle internals --------------------------------------------------------
 
-    def _tree_lock(self, parent: WorkspaceBranch | None) -> _TreeLock:
+    def _tree_lock(self, parent: WorkspaceBranch | None) -> RWLock:
         return self._base_lock if parent is None else parent._lock
 
     def _new_name(self) -> str:
@@ -510,7 +468,7 @@ class Workspace:
         if parent is not None:
             parent._check_open()
         disk = _disk_size(disk_limit, "disk_limit")
-        if disk is not None and getattr(self._backend, "disk_limits", None) is None:
+        if disk is not None and self._backend.disk_limits is None:
             raise _no_disk_limits(self._backend, f"fork(disk_limit={disk_limit!r})")
         if disk is None:
             disk = parent._disk if parent is not None else self.disk_limit
@@ -547,6 +505,8 @@ class Workspace:
         await self._persist()
         log.info("branch_forked", branch=name, parent=parent.name if parent else None,
                  depth=b.depth, duration_ms=round((time.perf_counter() - started) * 1e3, 3))
+        emit("branch_forked", branch=name, parent=parent.name if parent else None,
+             depth=b.depth)
         return b
 
     async def _commit(self, b: WorkspaceBranch) -> None:
@@ -557,7 +517,7 @@ class Workspace:
             b._check_open()
             if parent is not None:
                 parent._check_open()
-            changes = await self._backend.commit(b._name, b._parent_name())
+            changes = await self._backend.commit(b._name)
             # Point of no return: the data is in the parent.
             with anyio.CancelScope(shield=True):
                 b._state = BranchState.COMMITTED
@@ -584,6 +544,8 @@ class Workspace:
                  depth=b.depth, changes=len(changes),
                  invalidated=[x._name for x in losers],
                  duration_ms=round((time.perf_counter() - started) * 1e3, 3))
+        emit("branch_committed", branch=b._name, parent=parent.name if parent else None,
+             depth=b.depth, invalidated=[x._name for x in losers])
 
     async def _abort(self, b: WorkspaceBranch, state: BranchState, why: str) -> None:
         with anyio.CancelScope(shield=True):
@@ -606,32 +568,33 @@ class Workspace:
                      parent=b._parent.name if b._parent else None, depth=b.depth,
                      descendants=len(victims) - 1,
                      duration_ms=round((time.perf_counter() - started) * 1e3, 3))
+            emit("branch_aborted", branch=b._name, depth=b.depth)
 
     async def _release(self, victims: list[WorkspaceBranch]) -> None:
+        """Release the storage of ``victims`` (children first) in one backend request."""
+        if not victims:
+            return
+        started = time.perf_counter()
+        try:
+            await self._backend.abort_many([v._name for v in victims])
+        except OSError as exc:  # storage left behind is cleaned at the next open
+            log.warning("branch_release_failed", branches=[v._name for v in victims],
+                        error=str(exc))
+        duration_ms = round((time.perf_counter() - started) * 1e3, 3)
         for v in victims:
-            started = time.perf_counter()
-            try:
-                await self._backend.abort(v._name)
-            except OSError as exc:  # storage left behind is cleaned at the next open
-                log.warning("branch_release_failed", branch=v._name, error=str(exc))
             if v._state is BranchState.INVALIDATED:
                 log.info("branch_invalidated", branch=v._name, parent=v._parent_name(),
-                         depth=v.depth, reason=v._why_closed,
-                         duration_ms=round((time.perf_counter() - started) * 1e3, 3))
+                         depth=v.depth, reason=v._why_closed, duration_ms=duration_ms)
+                emit("branch_invalidated", branch=v._name, depth=v.depth)
 
     # -- persistence -----------------------------------------------------------------
 
     def _meta_path(self) -> Path:
         return self.state_dir / "branches.json"
 
-    def _backend_keeps_branches(self) -> bool:
-        """Whether the backend records its branches (name, parent, created) durably itself,
-        so the workspace need not rewrite branches.json at every fork (the FUSE server does)."""
-        return callable(getattr(self._backend, "saved_branches", None))
-
     async def _persist(self, *, force: bool = False) -> None:
         path = self._meta_path()
-        kept = self._backend_keeps_branches()
+        kept = self._backend.keeps_branches
         if kept and not force:
             return
 
@@ -659,8 +622,9 @@ class Workspace:
         """Rebuild the branch tree left by a crashed process."""
         path = self._meta_path()
         entries: dict[str, dict[str, object]]
-        if self._backend_keeps_branches():
-            entries = self._backend.saved_branches()  # type: ignore[attr-defined]
+        saved = self._backend.saved_branches() if self._backend.keeps_branches else None
+        if saved is not None:
+            entries = saved
             await self._persist(force=True)  # names the backend, for `branchagent status`
         elif not path.exists():
             return
@@ -805,7 +769,7 @@ async def open_workspace(
         be = backend
     else:
         raise BackendNotFound(f"backend must be a name or a Backend instance, not {backend!r}")
-    if disk is not None and getattr(be, "disk_limits", None) is None:
+    if disk is not None and be.disk_limits is None:
         raise _no_disk_limits(be, f"open_workspace(disk_limit={disk_limit!r})")
     await anyio.to_thread.run_sync(lambda: (sdir / "runs").mkdir(parents=True, exist_ok=True))
     ws = Workspace(root, sdir, be, disk_limit=disk)

@@ -12,6 +12,7 @@ Layout under the state directory::
 
     copy/branches/<name>/tree/           the branch's files (Branch.path)
     copy/branches/<name>/manifest.json   the parent's manifest at the fork
+    copy/branches/<name>/parent.json     the parent's name (null: the base)
     journal/                             commit transactions
 
 Limits: the fork cost grows with the tree (it is a copy); hard links inside
@@ -34,6 +35,7 @@ import json
 import os
 import shutil
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
@@ -52,7 +54,8 @@ from .._manifest import (
     scan,
     to_changes,
 )
-from ..exceptions import ConflictError, WorkspaceClosed
+from .._protocols import SavedBranches
+from ..exceptions import ConflictError, WorkspaceClosed, WorkspaceCorrupt
 
 __all__ = ["CopyBackend"]
 
@@ -223,12 +226,17 @@ class CopyBackend:
     name = "copy"
     #: How this backend enforces disk limits: it cannot (see the module docstring).
     disk_limits: str | None = None
+    #: A top-level branch is a full copy: writes into the base from outside do not show.
+    isolates_outside_writes = True
+    #: The workspace keeps the branch tree (branches.json); this backend keeps no records.
+    keeps_branches = False
 
     def __init__(self) -> None:
         self._root: Path | None = None
         self._state: Path | None = None
         self._caches: dict[str | None, HashCache] = {}
         self._manifests: dict[str, Manifest] = {}
+        self._parents: dict[str, str | None] = {}
 
     # -- helpers -------------------------------------------------------------
 
@@ -255,6 +263,23 @@ class CopyBackend:
         self._caches[name] = cache
         return manifest
 
+    def _parent_of(self, name: str) -> str | None:
+        """The branch ``name`` was forked from (``None``: the base), as recorded at the fork.
+
+        A branch made before the record existed finds it in the workspace's branch tree.
+        """
+        if name in self._parents:
+            return self._parents[name]
+        try:
+            parent = json.loads((self._branch_dir(name) / "parent.json").read_bytes())
+        except FileNotFoundError:
+            tree = json.loads((self._require()[1] / "branches.json").read_bytes())
+            parent = tree["branches"][name]["parent"]
+        if parent is not None and not isinstance(parent, str):
+            raise WorkspaceCorrupt(f"branch {name!r}: its parent record is {parent!r}")
+        self._parents[name] = parent
+        return parent
+
     def _fork_manifest(self, name: str) -> Manifest:
         m = self._manifests.get(name)
         if m is None:
@@ -278,17 +303,20 @@ class CopyBackend:
             copy_tree(self.path(parent), d / "tree")
             data = json.dumps({p: e.to_json() for p, e in manifest.items()})
             (d / "manifest.json").write_text(data)
+            (d / "parent.json").write_text(json.dumps(parent))
         except BaseException:
             _make_writable_and_remove(d)
             raise
         self._manifests[name] = manifest
+        self._parents[name] = parent
         return d / "tree"
 
     async def create(self, name: str, parent: str | None) -> Path:
         return await anyio.to_thread.run_sync(self._create_sync, name, parent)
 
-    def _commit_sync(self, name: str, parent: str | None) -> list[Change]:
+    def _commit_sync(self, name: str) -> list[Change]:
         _, state = self._require()
+        parent = self._parent_of(name)
         snapshot = self._fork_manifest(name)
         ours = self._scan(name)
         theirs = self._scan(parent)
@@ -312,16 +340,40 @@ class CopyBackend:
         self._release(name)
         return changes
 
-    async def commit(self, name: str, parent: str | None) -> list[Change]:
-        return await anyio.to_thread.run_sync(self._commit_sync, name, parent)
+    async def commit(self, name: str) -> list[Change]:
+        return await anyio.to_thread.run_sync(self._commit_sync, name)
 
     def _release(self, name: str) -> None:
         self._manifests.pop(name, None)
         self._caches.pop(name, None)
+        self._parents.pop(name, None)
         _make_writable_and_remove(self._branch_dir(name))
 
     async def abort(self, name: str) -> None:
         await anyio.to_thread.run_sync(self._release, name)
+
+    async def abort_many(self, names: Sequence[str]) -> None:
+        """Release every branch of ``names`` in one worker-thread hop; the first error
+        is raised once all were tried."""
+
+        def run() -> None:
+            first: OSError | None = None
+            for name in names:
+                try:
+                    self._release(name)
+                except OSError as exc:
+                    first = first or exc
+            if first is not None:
+                raise first
+
+        await anyio.to_thread.run_sync(run)
+
+    def saved_branches(self) -> SavedBranches | None:
+        """None: the workspace keeps this backend's branch tree (``branches.json``)."""
+        return None
+
+    def read_saved_branches(self, state_dir: Path) -> SavedBranches | None:
+        return None
 
     async def changes(self, name: str, parent: str | None) -> list[Change]:
         def run() -> list[Change]:
@@ -390,4 +442,5 @@ class CopyBackend:
     async def aclose(self) -> None:
         self._caches.clear()
         self._manifests.clear()
+        self._parents.clear()
         self._root = self._state = None

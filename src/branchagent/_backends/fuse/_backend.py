@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from anyio.abc import Process
 
 from ... import _journal
 from ..._branch import Change, Usage
+from ..._protocols import SavedBranches
 from ...exceptions import BackendError, BackendUnavailable, BranchNotFound, WorkspaceClosed
 from ._protocol import change_from_json, encode, error_from_json
 
@@ -174,6 +176,9 @@ class FuseBackend:
     #: Top-level branches show the live base: writes made into it from outside show
     #: through (DESIGN.md allows it); they are still parent changes at commit.
     isolates_outside_writes = False
+    #: The filesystem process records every branch (``saved_branches``) before it answers
+    #: a fork, so the workspace need not rewrite ``branches.json`` at each one.
+    keeps_branches = True
 
     def __init__(self, *, start_timeout: float = 60.0, stop_timeout: float = 10.0) -> None:
         self._start_timeout = start_timeout
@@ -220,7 +225,7 @@ class FuseBackend:
     def exists(self, name: str) -> bool:
         return name in self._ids
 
-    def saved_branches(self) -> dict[str, dict[str, object]]:
+    def saved_branches(self) -> SavedBranches:
         """The branches the filesystem process kept: name -> {parent, created}.
 
         The server writes each branch's record before it answers a fork (and drops
@@ -232,7 +237,7 @@ class FuseBackend:
         return read_saved_branches(self._state)
 
     @staticmethod
-    def read_saved_branches(state_dir: Path) -> dict[str, dict[str, object]]:
+    def read_saved_branches(state_dir: Path) -> SavedBranches:
         """The same, read from disk while another process serves the workspace."""
         return read_saved_branches(state_dir)
 
@@ -418,8 +423,8 @@ class FuseBackend:
         self._ids[name] = int(bid)
         return self.path(name)
 
-    async def commit(self, name: str, parent: str | None) -> list[Change]:
-        raw = await self._call("commit", name=name, parent=parent)
+    async def commit(self, name: str) -> list[Change]:
+        raw = await self._call("commit", name=name)
         self._ids.pop(name, None)
         return [change_from_json(c) for c in raw]
 
@@ -429,6 +434,15 @@ class FuseBackend:
             return
         await self._call("abort", name=name)
         self._ids.pop(name, None)
+
+    async def abort_many(self, names: Sequence[str]) -> None:
+        """One request for all of ``names`` (the losers of a commit, a subtree)."""
+        if not names:
+            return
+        if self._stream is not None:
+            await self._call("abort_many", names=list(names))
+        for name in names:
+            self._ids.pop(name, None)
 
     async def changes(self, name: str, parent: str | None) -> list[Change]:
         raw = await self._call("changes", name=name, parent=parent)

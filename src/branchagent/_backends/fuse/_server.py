@@ -42,6 +42,9 @@ def _dispatch(store: Store, req: dict[str, Any]) -> object:
     if op == "abort":
         store.abort(str(req["name"]))
         return None
+    if op == "abort_many":
+        store.abort(*(str(n) for n in req["names"]))
+        return None
     if op == "changes":
         return [change_to_json(c) for c in store.changes(str(req["name"]), req.get("parent"))]
     if op == "old_content":
@@ -63,7 +66,7 @@ def _dispatch(store: Store, req: dict[str, Any]) -> object:
 async def _commit(store: Store, fs: BranchFS, req: dict[str, Any]) -> object:
     """A commit whose heavy part runs in a worker thread: requests for the branch and its
     parent wait for it, every other branch is served meanwhile."""
-    job = store.commit_prepare(str(req["name"]), req.get("parent"))
+    job = store.commit_prepare(str(req["name"]))
     if not job.heavy:  # a few small files: less work than the hop to a thread
         store.commit_work(job)
         changes = store.commit_finish(job)

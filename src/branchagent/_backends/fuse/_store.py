@@ -660,13 +660,13 @@ class Store:
             return None
         return data if digest == entry.digest else None
 
-    def commit(self, name: str, parent: str | None) -> list[Change]:
+    def commit(self, name: str) -> list[Change]:
         """Merge ``name`` into its parent in one go (see :meth:`commit_prepare`)."""
-        job = self.commit_prepare(name, parent)
+        job = self.commit_prepare(name)
         self.commit_work(job)
         return self.commit_finish(job)
 
-    def commit_prepare(self, name: str, parent: str | None) -> CommitJob:
+    def commit_prepare(self, name: str) -> CommitJob:
         """First step of a commit (on the server's thread): what to look at.
 
         Only the paths either side may have changed since the fork are looked
@@ -678,7 +678,7 @@ class Store:
         then :meth:`commit_finish` on its own thread again.
         """
         b = self.get(name)
-        p = self._check_parent(b, parent)
+        p = None if b.parent is None else self.branches[b.parent]
         paths, below = self._delta(b)
         rescan = False
         if p is None:
@@ -782,13 +782,16 @@ class Store:
         self.gc()
         return job.changes
 
-    def abort(self, name: str) -> None:
-        bid = self.by_name.get(name)
-        if bid is None:
-            return
-        b = self.branches[bid]
-        self._discard(os.path.join(self.branches_dir, str(bid)))  # first: never comes back
-        self._forget(b)
+    def abort(self, *names: str) -> None:
+        """Release the branches ``names`` (unknown ones are skipped), then collect their
+        layers once."""
+        for name in names:
+            bid = self.by_name.get(name)
+            if bid is None:
+                continue
+            b = self.branches[bid]
+            self._discard(os.path.join(self.branches_dir, str(bid)))  # first: never comes back
+            self._forget(b)
         self.gc()
 
     def _forget(self, b: BranchRec) -> None:
