@@ -13,7 +13,8 @@ retargeted. The *agent* is a separate process (this script run with
 branch, makes the changes through the branch's path and commits it into the
 base. Half the trials SIGKILL the filesystem process, half the agent:
 
-- server kills: ``BRANCHAGENT_FUSE_FAULT=kill:<n>`` makes the server SIGKILL
+- server kills: a fault hook ``kill:<n>`` (the agent starts the server through the
+  test-only launcher ``tests/_fuse_fault.py``, which installs it) makes the server SIGKILL
   itself at the n-th journal step (``intent``, ``op:0`` ... ``op:k``,
   ``done``, ``cleaned``); n is uniform over all steps, or (one trial in five)
   one of the boundary steps (intent, first op, last op, done, cleaned). The
@@ -81,7 +82,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench._util`` importabl
 from bench._util import Stats, machine_facts, machine_line, remove_tree, stats
 
 import branchagent as ba
-from branchagent._backends.fuse._backend import is_mounted
+from branchagent._backends.fuse._backend import FuseBackend, is_mounted
 
 #: (type, mode, SHA-256 of the content or the symlink target) per relative path.
 Manifest = dict[str, tuple[str, int, str]]
@@ -89,7 +90,10 @@ Manifest = dict[str, tuple[str, int, str]]
 #: | ["mkdir", path] | ["chmod", path, mode] | ["symlink", path, target].
 Action = list[Any]
 
+#: How this script hands the agent its fault hook (the agent injects it into the server).
 FAULT_ENV = "BRANCHAGENT_FUSE_FAULT"
+#: The test-only server launcher that installs a fault hook, then runs the server.
+FAULT_LAUNCHER = Path(__file__).resolve().parent.parent / "tests" / "_fuse_fault.py"
 BRANCH = "b"
 #: Exit statuses of the agent.
 AGENT_COMMITTED, AGENT_FAILED_CLOSED, AGENT_FAILED_EXITED = 0, 3, 4
@@ -251,8 +255,10 @@ def finished(step: str) -> bool:
 
 async def agent_main(spec: dict[str, Any]) -> int:
     """Fork a branch, make the changes through its path, commit it into the base."""
-    async with ba.open_workspace(spec["repo"], backend="fuse", state_dir=spec["state"],
-                                 keep_branches=True) as ws:
+    fault = os.environ.get(FAULT_ENV)
+    server = [sys.executable, os.fspath(FAULT_LAUNCHER), fault] if fault else None
+    async with ba.open_workspace(spec["repo"], backend=FuseBackend(server=server),
+                                 state_dir=spec["state"], keep_branches=True) as ws:
         print("SERVER", ws.backend.server_pid, flush=True)  # type: ignore[attr-defined]
         b = await ws.fork(BRANCH)
         await anyio.to_thread.run_sync(_make_changes, b.path, spec)

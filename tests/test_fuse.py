@@ -23,6 +23,7 @@ import anyio
 import pytest
 
 import branchagent as ba
+from _fuse_fault import fault_server
 from _support import tree_state
 from branchagent import testing
 from branchagent._backends.fuse import FuseBackend
@@ -45,8 +46,9 @@ pytestmark = [pytest.mark.anyio,
 
 
 @asynccontextmanager
-async def fuse_workspace(repo: Path) -> AsyncIterator[Workspace]:
-    async with ba.open_workspace(repo, backend=FuseBackend(),
+async def fuse_workspace(repo: Path, fault: str | None = None) -> AsyncIterator[Workspace]:
+    """A FUSE workspace; ``fault``: its server runs with that fault hook (_fuse_fault)."""
+    async with ba.open_workspace(repo, backend=FuseBackend(server=fault_server(fault)),
                                  state_dir=repo.parent / "state") as ws:
         yield ws
 
@@ -351,13 +353,12 @@ async def test_fork_latency_is_flat(tmp_path: Path) -> None:
 
 
 async def test_a_paused_commit_stalls_only_its_own_branch(
-        repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        repo: Path, tmp_path: Path) -> None:
     """A commit's work runs beside the FUSE loop: while it is stopped between journal steps
     (the fault hook), another branch reads, writes and lists; the committing branch's own
     requests wait for it, and the commit then lands whole."""
     go = tmp_path / "go"
-    monkeypatch.setenv("BRANCHAGENT_FUSE_FAULT", f"wait:2:{go}")  # stop after the first op
-    async with fuse_workspace(repo) as ws:
+    async with fuse_workspace(repo, f"wait:2:{go}") as ws:  # stop after the first op
         a = await ws.fork("a")
         for i in range(40):  # big enough for the commit's work to leave the FUSE thread
             (a.path / f"a{i}.txt").write_text(f"a{i}\n")
@@ -447,7 +448,7 @@ async def test_fork_after_outside_writes_sees_exactly_them(repo: Path) -> None:
 
 @pytest.mark.parametrize("step", [1, 2, 8, 14])
 async def test_nested_commit_killed_midway_is_finished_at_open(
-        repo: Path, monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+        repo: Path, step: int) -> None:
     """SIGKILL the filesystem process at a step of a nested commit (1: right after its
     plan is written; 14: after its last step); the next open finishes the merge: the
     parent is exactly as after the commit, the child is gone, and the parent commits."""
@@ -456,8 +457,8 @@ async def test_nested_commit_killed_midway_is_finished_at_open(
     for i in range(12):
         (repo / "tree" / f"f{i}.txt").write_text(f"f{i}\n")
     (repo / "tree" / "sub" / "a.txt").write_text("a\n")
-    monkeypatch.setenv("BRANCHAGENT_FUSE_FAULT", f"kill:{step}")
-    async with ba.open_workspace(repo, backend=FuseBackend(), state_dir=state,
+    async with ba.open_workspace(repo, backend=FuseBackend(server=fault_server(f"kill:{step}")),
+                                 state_dir=state,
                                  keep_branches=True) as ws:
         p = await ws.fork("parent")
         (p.path / "tree" / "f0.txt").write_text("parent's\n")
@@ -479,7 +480,6 @@ async def test_nested_commit_killed_midway_is_finished_at_open(
             await c.commit()
         assert pid is not None
         assert _wait(lambda: not _alive(pid), 10)
-    monkeypatch.delenv("BRANCHAGENT_FUSE_FAULT")
     async with ba.open_workspace(repo, backend=FuseBackend(), state_dir=state) as ws:
         assert [b.name for b in ws.branches()] == ["parent"]
         (p,) = ws.branches()

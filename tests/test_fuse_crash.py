@@ -5,7 +5,8 @@ An agent process (this module, run with ``python -c``) opens a workspace with
 branch's path (adds, edits, deletions, a new directory with a subdirectory
 and an empty one, a removed directory, a directory turned into a file and
 back, symlinks, modes) and commits it. The filesystem process is SIGKILLed
-at a chosen journal step (``BRANCHAGENT_FUSE_FAULT=kill:<n>``), or the agent
+at a chosen journal step (a fault hook ``kill:<n>``, injected by starting the
+server through ``tests/_fuse_fault.py``), or the agent
 is SIGKILLed while the commit is under way. The workspace is then reopened
 (recovery runs) and the base must be exactly the tree before the commit or
 exactly the tree after it: before when the kill came before ``done`` was
@@ -34,13 +35,13 @@ import pytest
 import structlog
 
 import branchagent as ba
+from _fuse_fault import FAULT_ENV, fault_server
 from _support import Tree, tree_state
-from branchagent._backends.fuse._backend import check_available, is_mounted
+from branchagent._backends.fuse._backend import FuseBackend, check_available, is_mounted
 from branchagent.exceptions import BackendUnavailable
 
 #: (type, mode, SHA-256 of the content or the symlink target) per relative path.
 
-FAULT_ENV = "BRANCHAGENT_FUSE_FAULT"
 HERE = Path(__file__).resolve().parent
 #: Exit statuses of the agent.
 COMMITTED, FAILED_CLOSED, FAILED_EXITED = 0, 3, 4
@@ -139,7 +140,8 @@ def agent(argv: list[str]) -> None:
 
 
 async def _agent(repo: Path, state: Path, on_error: str) -> int:
-    async with ba.open_workspace(repo, backend="fuse", state_dir=state,
+    backend = FuseBackend(server=fault_server(os.environ.get(FAULT_ENV)))
+    async with ba.open_workspace(repo, backend=backend, state_dir=state,
                                  keep_branches=True) as ws:
         print("SERVER", ws.backend.server_pid, flush=True)  # type: ignore[attr-defined]
         b = await ws.fork("b")

@@ -16,11 +16,10 @@ from branchagent._manifest import (
     HashCache,
     Manifest,
     changed_paths,
-    find_conflicts,
-    merge_paths,
     scan,
     to_changes,
 )
+from branchagent._merge import find_conflicts, merge_paths
 
 
 def f(digest: str, mtime: int = 1, mode: int = 0o644) -> Entry:

@@ -32,8 +32,6 @@ __all__ = [
     "HashCache",
     "Manifest",
     "changed_paths",
-    "find_conflicts",
-    "merge_paths",
     "parent_of",
     "scan",
     "to_changes",
@@ -211,49 +209,6 @@ def parent_of(path: str) -> str:
     return path.rpartition("/")[0]
 
 
-def _ancestors(path: str) -> Iterable[str]:
-    while "/" in path:
-        path = parent_of(path)
-        yield path
-
-
-def find_conflicts(
-    ours_changed: set[str],
-    ours_now: Mapping[str, Entry],
-    theirs_changed: set[str],
-    theirs_now: Mapping[str, Entry],
-) -> list[str]:
-    """Paths changed on both sides in incompatible ways.
-
-    The sets are *loose* changes (``changed_paths(strict=False)``): a touch
-    never conflicts. A path changed on both sides conflicts unless both made
-    the same change (same type, mode and content).
-    A path changed on one side also conflicts when the other side deleted or
-    replaced (with a non-directory) one of its ancestors, unless both sides
-    deleted it (both ran ``rm -rf d``: they agree).
-    """
-    conflicts: set[str] = set()
-    for p in ours_changed:
-        if p in theirs_changed:
-            o, t = ours_now.get(p), theirs_now.get(p)
-            if not (o is None and t is None) and not (o is not None and o.equivalent(t)):
-                conflicts.add(p)
-    for changed, other_changed, other_now in (
-        (ours_changed, theirs_changed, theirs_now),
-        (theirs_changed, ours_changed, ours_now),
-    ):
-        for p in changed:
-            if p not in ours_now and p not in theirs_now:
-                continue  # deleted on both sides (e.g. both removed its directory): agreed
-            for a in _ancestors(p):
-                if a in other_changed:
-                    e = other_now.get(a)
-                    if e is None or e.type is not EntryType.DIR:
-                        conflicts.add(p)
-                        break
-    return sorted(conflicts)
-
-
 def to_changes(before: Mapping[str, Entry], after: Mapping[str, Entry]) -> list[Change]:
     """The changes that turn ``before`` into ``after``, sorted by path."""
     out: list[Change] = []
@@ -268,23 +223,3 @@ def to_changes(before: Mapping[str, Entry], after: Mapping[str, Entry]) -> list[
             out.append(Change(p, ChangeKind.MODIFIED, new.type, old.type,
                               metadata_only=new.same_content(old)))
     return out
-
-
-def merge_paths(
-    ours_before: Mapping[str, Entry],
-    ours_now: Mapping[str, Entry],
-    theirs_now: Mapping[str, Entry],
-    theirs_changed: set[str],
-) -> set[str]:
-    """Paths a commit must write into the parent (after conflicts were ruled out).
-
-    Every real change of ours, plus our touches (mtime-only changes) where the
-    parent still holds the same content: a touch never overrides a real edit.
-    """
-    strict = changed_paths(ours_before, ours_now)
-    loose = changed_paths(ours_before, ours_now, strict=False)
-    touched = {
-        p for p in strict - loose
-        if p not in theirs_changed and ours_now[p].equivalent(theirs_now.get(p))
-    }
-    return loose | touched

@@ -29,8 +29,6 @@ counted, though without reflinks it takes the whole tree's size on disk.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import shutil
@@ -43,117 +41,25 @@ import anyio.to_thread
 
 from .. import _journal
 from .._branch import Change, EntryType, Usage
+from .._fileops import Reflinks, copy_file
 from .._manifest import (
     Entry,
     HashCache,
     Manifest,
-    changed_paths,
-    find_conflicts,
     hash_file,
-    merge_paths,
     scan,
     to_changes,
 )
+from .._merge import plan_merge
 from .._protocols import SavedBranches
-from ..exceptions import ConflictError, WorkspaceClosed, WorkspaceCorrupt
+from ..exceptions import WorkspaceClosed, WorkspaceCorrupt
 
 __all__ = ["CopyBackend"]
-
-_FICLONE = 0x40049409
-
-
-_NO_CLONE = (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY)
-_NO_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
-_CHUNK = 1 << 20
-
-
-def _copy_range(sfd: int, dfd: int, start: int, end: int) -> None:
-    pos = start
-    while pos < end:
-        try:
-            n = os.copy_file_range(sfd, dfd, end - pos, pos, pos)
-        except OSError as exc:
-            if exc.errno not in _NO_RANGE:
-                raise
-            n = 0
-        if n == 0:  # no copy_file_range here, or the source shrank: plain reads
-            while pos < end:
-                chunk = os.pread(sfd, min(_CHUNK, end - pos), pos)
-                if not chunk:
-                    return
-                pos += os.pwrite(dfd, chunk, pos)
-            return
-        pos += n
-
-
-def _copy_data(sfd: int, dfd: int, size: int) -> None:
-    """Copy ``size`` bytes, keeping holes (SEEK_DATA/SEEK_HOLE): sparse stays sparse."""
-    pos = 0
-    while pos < size:
-        try:
-            data = os.lseek(sfd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                break  # only a hole is left
-            data = pos  # no SEEK_DATA on this filesystem
-        try:
-            hole = os.lseek(sfd, data, os.SEEK_HOLE)
-        except OSError:
-            hole = size
-        _copy_range(sfd, dfd, data, min(hole, size))
-        pos = hole
-    os.ftruncate(dfd, size)
-
-
-def _copy_xattrs(sfd: int, dfd: int) -> None:
-    try:
-        names = os.listxattr(sfd)
-    except OSError:
-        return
-    for name in names:
-        try:
-            os.setxattr(dfd, name, os.getxattr(sfd, name))
-        except OSError as exc:  # e.g. security.* without privilege, or no xattrs there
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
-                raise
-
-
-def copy_file(src: str, dst: str, st: os.stat_result, *, reflink: list[bool],
-              as_root: bool) -> None:
-    """Copy one regular file with its data (reflink when possible), xattrs, owner, mode, times.
-
-    Works on file descriptors: a handful of syscalls per file.
-    """
-    sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            cloned = False
-            if reflink[0] and st.st_size:
-                try:
-                    fcntl.ioctl(dfd, _FICLONE, sfd)
-                    cloned = True
-                except OSError as exc:
-                    if exc.errno not in _NO_CLONE:
-                        raise
-                    reflink[0] = False
-            if not cloned and st.st_size:
-                _copy_data(sfd, dfd, st.st_size)
-            _copy_xattrs(sfd, dfd)
-            if as_root:
-                os.fchown(dfd, st.st_uid, st.st_gid)
-            os.fchmod(dfd, stat.S_IMODE(st.st_mode))  # after chown, which clears set-id bits
-            os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
-        finally:
-            os.close(dfd)
-    finally:
-        os.close(sfd)
-
 
 def copy_tree(src: Path, dst: Path) -> None:
     """Copy ``src`` to a new directory ``dst`` with metadata; symlinks stay symlinks."""
     as_root = os.geteuid() == 0
-    reflink = [True]
+    reflinks = Reflinks()
     dirs: list[tuple[str, os.stat_result]] = []
     os.mkdir(dst, 0o700)
     dirs.append((os.fspath(dst), os.stat(src)))
@@ -171,7 +77,7 @@ def copy_tree(src: Path, dst: Path) -> None:
                     stack.append((de.path, d))
                     continue
                 if stat.S_ISREG(mode):
-                    copy_file(de.path, d, st, reflink=reflink, as_root=as_root)
+                    copy_file(de.path, d, st, reflinks=reflinks, as_root=as_root)
                     continue
                 if stat.S_ISLNK(mode):
                     os.symlink(os.readlink(de.path), d)
@@ -320,18 +226,8 @@ class CopyBackend:
         snapshot = self._fork_manifest(name)
         ours = self._scan(name)
         theirs = self._scan(parent)
-        ours_changed = changed_paths(snapshot, ours, strict=False)
-        theirs_changed = changed_paths(snapshot, theirs, strict=False)
-        conflicts = find_conflicts(ours_changed, ours, theirs_changed, theirs)
-        if conflicts:
-            shown = ", ".join(conflicts[:5]) + (" ..." if len(conflicts) > 5 else "")
-            raise ConflictError(
-                f"branch {name!r} and its parent both changed {len(conflicts)} path(s) "
-                f"since the fork: {shown}",
-                tuple(conflicts),
-            )
         tree = self.path(name)
-        paths = merge_paths(snapshot, ours, theirs, theirs_changed)
+        paths = plan_merge(name, snapshot, ours, theirs)
         ops = _journal.build_plan(paths, theirs, ours, lambda p: tree / p)
         _journal.apply(self.path(parent), state / "journal", ops, release=[self._branch_dir(name)])
         # The parent's hash cache stays valid: every file the commit placed has a new

@@ -180,7 +180,14 @@ class FuseBackend:
     #: a fork, so the workspace need not rewrite ``branches.json`` at each one.
     keeps_branches = True
 
-    def __init__(self, *, start_timeout: float = 60.0, stop_timeout: float = 10.0) -> None:
+    def __init__(self, *, start_timeout: float = 60.0, stop_timeout: float = 10.0,
+                 server: Sequence[str] | None = None) -> None:
+        """``server``, for tests: the command that starts the filesystem process (the
+        server's arguments are appended), such as a launcher that installs a fault hook
+        and then calls ``branchagent._backends.fuse._server.main``. By default
+        ``python -m branchagent._backends.fuse._server``."""
+        self._server = list(server) if server is not None else [
+            sys.executable, "-m", "branchagent._backends.fuse._server"]
         self._start_timeout = start_timeout
         self._stop_timeout = stop_timeout
         self._root: Path | None = None
@@ -270,7 +277,7 @@ class FuseBackend:
         ours, theirs = socket.socketpair()  # (no await between here and the try below)
         try:
             self._proc = await anyio.open_process(
-                [sys.executable, "-m", "branchagent._backends.fuse._server",
+                [*self._server,
                  "--root", os.fspath(root), "--state", os.fspath(state_dir),
                  "--fd", str(theirs.fileno()), "--parent", str(os.getpid())],
                 stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,

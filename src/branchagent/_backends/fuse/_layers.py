@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -56,6 +55,7 @@ import attrs
 
 from ... import _journal
 from ..._branch import EntryType
+from ..._fileops import copy_data, copy_metadata, copy_range
 from ..._manifest import RACY_MARGIN_NS, Entry, Manifest, hash_file
 
 __all__ = [
@@ -71,7 +71,6 @@ __all__ = [
     "ViewScan",
     "delta_paths",
     "scan_paths",
-    "copy_metadata",
     "cost",
     "entry_of",
     "hash_sparse",
@@ -83,13 +82,11 @@ __all__ = [
     "tree_usage",
 ]
 
-_FICLONE = 0x40049409
 #: Sparse copy-up granule: a write fills at most this much around each end.
 CHUNK = 1 << 16
 #: Files at least this large are copied up sparse; smaller ones whole.
 SPARSE_MIN = 1 << 20
 _AS_ROOT = os.geteuid() == 0
-_reflink = [True]  # cleared at the first filesystem that has no reflinks
 
 
 def join(parent: str, name: str) -> str:
@@ -322,7 +319,7 @@ class Sparse:
                     end += 1
                 if plain:  # a run of missing chunks: one in-kernel copy
                     start = c * CHUNK
-                    _copy_range(self._lower_fd(), fd, start, min(end * CHUNK, self.limit) - start)
+                    copy_range(self._lower_fd(), fd, start, min(end * CHUNK, self.limit) - start)
                 else:
                     for k in range(c, end):
                         self._fill(fd, k)
@@ -860,81 +857,6 @@ def whole_file(f: Found) -> bool:
         return False
     sp.fill()
     return True
-
-
-def copy_data(src: str, dst: str, size: int | None) -> None:
-    """Copy a regular file's bytes into new file ``dst`` (reflink when possible)."""
-    sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            if size == 0:
-                return
-            if size is None and _reflink[0]:
-                try:
-                    fcntl.ioctl(dfd, _FICLONE, sfd)
-                except OSError as exc:
-                    if exc.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
-                        _reflink[0] = False
-                else:
-                    return
-            total = os.fstat(sfd).st_size
-            done = _copy_range(sfd, dfd, 0, total if size is None else min(size, total))
-            if size is not None and size > done:
-                os.ftruncate(dfd, size)
-        finally:
-            os.close(dfd)
-    finally:
-        os.close(sfd)
-
-
-def _copy_range(sfd: int, dfd: int, off: int, count: int) -> int:
-    """Copy ``count`` bytes at ``off`` of ``sfd`` to the same offset of ``dfd`` (in the
-    kernel where it can); return how many were copied (fewer past the end of the source:
-    the rest of a sparse file's range stays a hole, which reads as zeros)."""
-    done = 0
-    while done < count:
-        try:
-            n = os.copy_file_range(sfd, dfd, count - done, off + done, off + done)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            n = _copy_slow(sfd, dfd, off + done, count - done)
-        if n == 0:
-            break
-        done += n
-    return done
-
-
-def _copy_slow(sfd: int, dfd: int, off: int, count: int) -> int:
-    data = os.pread(sfd, min(count, 1 << 20), off)
-    view = memoryview(data)
-    pos = off
-    while view:
-        n = os.pwrite(dfd, view, pos)
-        view, pos = view[n:], pos + n
-    return len(data)
-
-
-def copy_metadata(src: str | None, dst: str, st: os.stat_result, *,
-                  keep_mtime: bool = True) -> None:
-    """Give ``dst`` the xattrs (from ``src``), owner, mode and times of ``st``."""
-    if src is not None:
-        try:
-            names = os.listxattr(src, follow_symlinks=False)
-        except OSError:
-            names = []
-        for n in names:
-            with contextlib.suppress(OSError):
-                os.setxattr(dst, n, os.getxattr(src, n, follow_symlinks=False),
-                            follow_symlinks=False)
-    if _AS_ROOT:
-        with contextlib.suppress(OSError):
-            os.lchown(dst, st.st_uid, st.st_gid)
-    if not stat.S_ISLNK(st.st_mode):
-        os.chmod(dst, stat.S_IMODE(st.st_mode))
-    if keep_mtime:
-        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
 def rmtree(path: str) -> None:

@@ -27,7 +27,6 @@ from typing import Any
 import pyfuse3
 import trio
 
-from ... import _journal
 from ._fs import BranchFS
 from ._protocol import change_to_json, encode, error_to_json
 from ._store import Store
@@ -227,44 +226,6 @@ async def serve(root: str, state: str, fd: int, ppid: int) -> None:
         log.info("unmounted %s", mnt)
 
 
-FAULT_ENV = "BRANCHAGENT_FUSE_FAULT"
-
-
-def install_fault_hook(spec: str) -> None:
-    """Crash and concurrency tests: act at the ``n``-th journal step of this process.
-
-    ``spec`` is ``kill:<n>`` (SIGKILL this process there), ``mark:<n>:<file>``
-    (write the step's name into ``<file>`` and go on), or ``wait:<n>:<file>``
-    (write ``<file>.reached``, then wait up to a minute for ``<file>`` to exist).
-    Read from the environment variable ``BRANCHAGENT_FUSE_FAULT``; never set in use.
-    """
-    action, _, rest = spec.partition(":")
-    count, _, arg = rest.partition(":")
-    target = int(count)
-    if action not in ("kill", "mark", "wait") or target < 1 or (action != "kill" and not arg):
-        raise ValueError(f"bad {FAULT_ENV} value {spec!r}")
-    seen = [0]
-
-    def hook(step: str) -> None:
-        seen[0] += 1
-        if seen[0] != target:
-            return
-        log.warning("fault hook: %s at journal step %d (%s)", action, target, step)
-        if action == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        elif action == "mark":
-            with open(arg, "w") as f:
-                f.write(step)
-        else:
-            with open(arg + ".reached", "w") as f:
-                f.write(step)
-            deadline = time.monotonic() + 60
-            while not os.path.exists(arg) and time.monotonic() < deadline:
-                time.sleep(0.01)
-
-    _journal.FAULT_HOOK = hook
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="branchagent-fuse")
     parser.add_argument("--root", required=True)
@@ -275,8 +236,6 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s fuse[%(process)d] %(levelname)s %(message)s")
     os.umask(0)
-    if os.environ.get(FAULT_ENV):
-        install_fault_hook(os.environ[FAULT_ENV])
     trio.run(serve, args.root, args.state, args.fd, args.parent)
 
 

@@ -21,7 +21,7 @@ the base at the fork, up to writes made into the base from outside, which are
 then seen as parent changes, as DESIGN.md says.
 
 Commits. Conflicts and the paths to write come from :mod:`.._manifest`
-(``find_conflicts``, ``merge_paths``) over manifests of the views. A commit into
+(:func:`.._merge.plan_merge`) over manifests of the views. A commit into
 the base is a journaled apply (:func:`.._journal.apply`) whose sources are the
 branch's layer files, so data moves by rename. A nested commit moves the
 branch's files into the parent's top layer by rename, after writing its plan
@@ -48,18 +48,18 @@ import attrs
 
 from ... import _journal
 from ..._branch import Change, ChangeKind, EntryType
+from ..._fileops import copy_data, copy_metadata
 from ..._manifest import (
     Entry,
     HashCache,
     Manifest,
     changed_paths,
-    find_conflicts,
     hash_file,
-    merge_paths,
     scan,
     to_changes,
 )
-from ...exceptions import BranchExists, BranchNotFound, ConflictError
+from ..._merge import plan_merge
+from ...exceptions import BranchExists, BranchNotFound
 from ._layers import (
     DigestCache,
     Found,
@@ -67,8 +67,6 @@ from ._layers import (
     Quota,
     View,
     ViewScan,
-    copy_data,
-    copy_metadata,
     delta_paths,
     entry_of,
     parent_of,
@@ -730,17 +728,7 @@ class Store:
             theirs = scan_paths(self.view(p), paths, self.digests).manifest
         scanned = scan_paths(self.view(b), paths, self.digests)
         ours, reals = scanned.manifest, scanned.reals
-        ours_changed = changed_paths(snapshot, ours, strict=False)
-        theirs_changed = changed_paths(snapshot, theirs, strict=False)
-        conflicts = find_conflicts(ours_changed, ours, theirs_changed, theirs)
-        if conflicts:
-            shown = ", ".join(conflicts[:5]) + (" ..." if len(conflicts) > 5 else "")
-            raise ConflictError(
-                f"branch {b.name!r} and its parent both changed {len(conflicts)} path(s) "
-                f"since the fork: {shown}",
-                tuple(conflicts),
-            )
-        merge = merge_paths(snapshot, ours, theirs, theirs_changed)
+        merge = plan_merge(b.name, snapshot, ours, theirs)
         job.changes = self._own_changes(b, scanned, snapshot)
         for q in merge:  # files copied up sparse are made whole before they move
             sp = scanned.sparse.get(q)
