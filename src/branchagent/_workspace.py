@@ -40,6 +40,7 @@ from ._sandbox._run import RunResult, run_in
 from .exceptions import (
     BackendNotFound,
     BackendUnavailable,
+    BranchAgentError,
     BranchClosed,
     BranchExists,
     BranchInvalidated,
@@ -629,11 +630,7 @@ class Workspace:
         elif not path.exists():
             return
         else:
-            try:
-                raw = json.loads(path.read_text())
-                entries = raw["branches"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise WorkspaceCorrupt(f"cannot read {path}: {exc}") from exc
+            entries = _read_meta(path)["branches"]
         pending = dict(entries)
         while pending:
             progressed = False
@@ -715,6 +712,50 @@ class Workspace:
 def default_state_dir(path: Path) -> Path:
     """``<parent>/.<name>.branchagent``: beside the workspace, on the same filesystem."""
     return path.parent / f".{path.name}.branchagent"
+
+
+@attrs.frozen
+class SavedState:
+    """What a workspace's state directory records, read without opening the workspace."""
+
+    #: The backend the workspace was last opened with (None: no record).
+    backend: str | None
+    #: Its branches: name -> ``{"parent": name or None, "created": epoch seconds}``.
+    branches: Mapping[str, Mapping[str, object]]
+
+
+def read_saved_state(state_dir: Path, *, branches: bool = True) -> SavedState:
+    """The backend and branches recorded in ``state_dir``, read from disk and touching
+    nothing, so it is safe while another process holds the workspace (``branchagent
+    status``). Where the backend keeps its branches itself, they are read through its
+    ``read_saved_branches``. ``branches=False``: only the backend. Unreadable records
+    read as none."""
+    try:
+        raw = _read_meta(state_dir / "branches.json")
+    except (OSError, WorkspaceCorrupt):
+        return SavedState(backend=None, branches={})
+    backend = raw.get("backend")
+    name = backend if isinstance(backend, str) else None
+    entries: Mapping[str, Mapping[str, object]] = raw["branches"] if branches else {}
+    if branches and name is not None and raw.get("branches_kept_by_backend"):
+        try:
+            kept = load_backend(name).read_saved_branches(state_dir)
+        except BranchAgentError:
+            kept = None
+        if kept is not None:
+            entries = kept
+    return SavedState(backend=name, branches=entries)
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """``branches.json`` as :meth:`Workspace._persist` writes it (WorkspaceCorrupt if not)."""
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as exc:
+        raise WorkspaceCorrupt(f"cannot read {path}: {exc}") from exc
+    if not isinstance(raw, dict) or not isinstance(raw.get("branches"), dict):
+        raise WorkspaceCorrupt(f"cannot read {path}: not a branch record: {raw!r:.80}")
+    return raw
 
 
 def _resolve_paths(
