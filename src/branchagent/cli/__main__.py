@@ -1,0 +1,7 @@
+"""``python -m branchagent.cli``: the ``branchagent`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
