@@ -29,16 +29,18 @@ naturally catch (``LookupError``, ``ValueError``, ``OSError``, ...), so
     ├── StrategyError
     │   ├── StrategyNotFound             (LookupError)
     │   └── CandidateError
-    ├── LLMError                                       [branchagent.llm]
+    ├── LLMError
     │   ├── ApplyError                   (ValueError)
     │   └── SourceError                  (RuntimeError)
-    ├── ServeError                                     [branchagent.serve]
-    └── UsageError                       (ValueError)  [branchagent.cli]
+    ├── ServeError
+    └── UsageError                       (ValueError)
 
 Errors from libraries and the OS are translated at the boundary with
-``raise Ours(...) from exc`` so the original stays attached. The errors of
-:mod:`branchagent.llm`, :mod:`branchagent.serve` and :mod:`branchagent.cli`
-are defined here, with the rest of the tree, and re-exported by those modules.
+``raise Ours(...) from exc`` so the original stays attached. ``LLMError`` and
+its leaves are :mod:`branchagent.llm`'s, ``ServeError`` is
+:mod:`branchagent.serve`'s and ``UsageError`` the ``branchagent`` command's
+(:mod:`branchagent.cli`): defined here, with the rest of the tree, and
+re-exported by those modules too.
 
 ``ApplyError``: a completion could not be turned into a change on its branch
 (a diff hunk that does not apply, no fenced block naming a file, a path
