@@ -2,7 +2,7 @@
 
 A file of 1 MiB or more below a branch's top layer is copied up as an empty
 file of the same size plus a record of which 64 KiB chunks it holds; the rest
-is read from below (see ``_layers.Sparse``). These tests check the content
+is read from below (see ``_sparse.Sparse``). These tests check the content
 seen through the mount against a model, through forks, truncates, renames,
 hard links, a restart of the filesystem process, nested and base commits.
 """
@@ -16,22 +16,11 @@ from pathlib import Path
 import pytest
 
 import branchagent as ba
+from _support import requires_fuse
 from branchagent._backends.fuse import FuseBackend
-from branchagent._backends.fuse._backend import check_available
-from branchagent._backends.fuse._layers import CHUNK
-from branchagent.exceptions import BackendUnavailable
+from branchagent._backends.fuse._sparse import CHUNK
 
-
-def _unavailable() -> str | None:
-    try:
-        check_available()
-    except BackendUnavailable as exc:
-        return f"FUSE backend unavailable (needs pyfuse3 and /dev/fuse): {exc}"
-    return None
-
-
-pytestmark = [pytest.mark.anyio,
-              pytest.mark.skipif(_unavailable() is not None, reason=str(_unavailable()))]
+pytestmark = [pytest.mark.anyio, requires_fuse]
 
 MiB = 1 << 20
 

@@ -2,9 +2,7 @@
 
 The mount root lists one directory ``@<id>`` per open branch (an id, not the
 branch name: a 255-byte name does not fit in ``@<name>``). Inodes are
-per-branch paths: a node is (branch, parent node, name), so a rename moves a
-node and keeps its inode number, and numbers stay stable for the life of a
-branch. A path deleted and made again gets a new inode.
+per-branch paths, kept by the node table (``._nodes``).
 
 Every handler is synchronous underneath (no await between reading and
 changing state), so the single-threaded server applies each request whole.
@@ -32,12 +30,15 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import pyfuse3
 import trio
 
-from ._layers import Found, Layer, Quota, Source, Sparse, View, cost, join, parent_of, whole_file
+from ._layers import Found, Layer, Quota, Source, View, cost, join, parent_of, whole_file
+from ._nodes import DirHandle, Handle, Node, NodeTable
+from ._sparse import Sparse
 from ._store import BranchRec, Store
 
 __all__ = ["BranchFS"]
@@ -82,64 +83,6 @@ def _invalidate(batch: list[tuple[int, bytes | None]]) -> None:
                 log.warning("invalidation of %s %r failed: %s", ino, name, exc)
 
 
-class Node:
-    """A path of one branch as the kernel knows it."""
-
-    __slots__ = ("aliases", "bid", "children", "detached", "handles", "ino", "kind", "lookups",
-                 "name", "owed", "parent", "src", "src_epoch")
-
-    def __init__(self, ino: int, bid: int, parent: Node | None, name: str, kind: int) -> None:
-        self.ino = ino
-        self.bid = bid
-        self.parent = parent
-        self.name = name
-        self.kind = kind  # S_IFMT bits when it was looked up
-        self.children: dict[str, Node] = {}
-        self.lookups = 0
-        self.handles: set[int] = set()
-        self.detached = False
-        self.src: list[Source] | None = None
-        self.src_epoch = -1
-        # Hard links: every (directory node, name) this node is known under; None while
-        # it has one name (parent, name). The primary name is the one path() follows.
-        self.aliases: set[tuple[Node, str]] | None = None
-        # Removed from the top layer while open: its bytes count until the last close.
-        self.owed = False
-
-    def path(self) -> str:
-        parts = []
-        n: Node | None = self
-        while n is not None and n.parent is not None:
-            parts.append(n.name)
-            n = n.parent
-        return "/".join(reversed(parts))
-
-
-class Handle:
-    __slots__ = ("fd", "flags", "node", "quota", "real", "sparse")
-
-    def __init__(self, fd: int, flags: int, node: Node, real: str,
-                 sparse: Sparse | None, quota: Quota | None) -> None:
-        self.fd = fd
-        self.flags = flags
-        self.node = node
-        self.real = real
-        self.sparse = sparse  # the file's sparse record, if it was copied up sparse
-        self.quota = quota  # the branch's disk limit (writes are charged to it)
-
-    @property
-    def writable(self) -> bool:
-        return (self.flags & os.O_ACCMODE) != os.O_RDONLY
-
-
-class DirHandle:
-    __slots__ = ("entries", "node")
-
-    def __init__(self, node: Node | None) -> None:
-        self.node = node  # None: the mount root
-        self.entries: list[tuple[str, Found | None, int]] | None = None
-
-
 def _renameat2(src: str, dst: str, flags: int) -> None:
     libc = _libc()
     fn = getattr(libc, "renameat2", None)
@@ -156,7 +99,7 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
-class BranchFS(pyfuse3.Operations):
+class BranchFS(NodeTable, pyfuse3.Operations):
     """pyfuse3 operations over a :class:`Store` (also its :class:`Hooks`)."""
 
     supports_dot_lookup = False
@@ -244,41 +187,6 @@ class BranchFS(pyfuse3.Operations):
                 self._forget_entry(node)
             b.epoch += 1
 
-    # -- nodes ------------------------------------------------------------------------------
-
-    def _new_node(self, bid: int, parent: Node | None, name: str, kind: int) -> Node:
-        node = Node(self._next_ino, bid, parent, name, kind)
-        self._next_ino += 1
-        self.nodes[node.ino] = node
-        self.by_branch.setdefault(bid, {})[node.ino] = node
-        if parent is not None:
-            parent.children[name] = node
-        return node
-
-    def _drop_node(self, node: Node) -> None:
-        if node.aliases is not None:
-            for k in [k for k, v in self.links.items() if v is node]:
-                del self.links[k]
-        self.nodes.pop(node.ino, None)
-        mine = self.by_branch.get(node.bid)
-        if mine is not None:
-            mine.pop(node.ino, None)
-            if not mine:
-                del self.by_branch[node.bid]
-
-    def _root_of(self, b: BranchRec) -> Node:
-        node = self.roots.get(b.id)
-        if node is None:
-            node = self._new_node(b.id, None, "", stat.S_IFDIR)
-            self.roots[b.id] = node
-        return node
-
-    def _node(self, ino: int) -> Node:
-        node = self.nodes.get(ino)
-        if node is None:
-            raise _err(errno.ENOENT)
-        return node
-
     def _branch(self, node: Node) -> BranchRec:
         b = self.store.branches.get(node.bid)
         if b is None:
@@ -314,103 +222,6 @@ class BranchFS(pyfuse3.Operations):
         if f is None or stat.S_IFMT(f.st.st_mode) != node.kind:
             raise _err(errno.ENOENT)
         return f
-
-    def _child(self, parent: Node, f: Found) -> Node:
-        name = f.path.rpartition("/")[2]
-        kind = stat.S_IFMT(f.st.st_mode)
-        node = parent.children.get(name)
-        key = self._link_key(parent.bid, f)
-        if key is not None:
-            shared = self.links.get(key)
-            if shared is not None and self._still_names(shared, f):
-                if node is not None and node is not shared:
-                    self._unname(node, parent, name)
-                self._alias(shared, parent, name)
-                return shared
-            self.links.pop(key, None)
-        if node is None or node.kind != kind:
-            if node is not None:
-                self._unname(node, parent, name)
-            node = self._new_node(parent.bid, parent, name, kind)
-        if key is not None:
-            self.links[key] = node
-            self._alias(node, parent, name)
-        return node
-
-    def _link_key(self, bid: int, f: Found) -> tuple[int, str, int] | None:
-        """The key of a hard-linked regular file of branch ``bid``'s top layer, else None."""
-        if f.layer is None or f.st.st_nlink < 2 or not stat.S_ISREG(f.st.st_mode):
-            return None
-        b = self.store.branches.get(bid)
-        if b is None or f.layer is not b.layers[0]:
-            return None
-        return (bid, f.layer.id, f.st.st_ino)
-
-    def _still_names(self, node: Node, f: Found) -> bool:
-        """Whether ``node``'s primary name still is the file ``f`` is a name of."""
-        if node.detached or node.ino not in self.nodes:
-            return False
-        b = self.store.branches.get(node.bid)
-        try:
-            cur = self._found(node, b) if b is not None else None
-        except pyfuse3.FUSEError:
-            return False
-        return cur is not None and cur.layer is f.layer and cur.st.st_ino == f.st.st_ino
-
-    def _alias(self, node: Node, parent: Node, name: str) -> None:
-        if node.aliases is None:
-            node.aliases = {(node.parent, node.name)} if node.parent is not None else set()
-        node.aliases.add((parent, name))
-        parent.children[name] = node
-
-    def _unname(self, node: Node, parent: Node, name: str) -> None:
-        """``name`` in ``parent`` no longer names ``node`` (unlinked, replaced, renamed over):
-        a hard-linked node lives on under its other names, any other node is detached."""
-        if node.aliases:
-            node.aliases.discard((parent, name))
-            if node.aliases:
-                if parent.children.get(name) is node:
-                    del parent.children[name]
-                if node.parent is parent and node.name == name:
-                    node.parent, node.name = next(iter(node.aliases))
-                return
-        if parent.children.get(name) is node and (node.parent is not parent
-                                                  or node.name != name):
-            del parent.children[name]
-        self._detach(node)
-
-    def _renamed(self, node: Node, old: tuple[Node, str], new: tuple[Node, str]) -> None:
-        """``node``'s name ``old`` is now ``new`` (the name moved is its primary name now)."""
-        if node.aliases is not None:
-            node.aliases.discard(old)
-            node.aliases.add(new)
-        node.parent, node.name = new
-        new[0].children[new[1]] = node
-
-    def _detach(self, node: Node) -> None:
-        if node.parent is not None and node.parent.children.get(node.name) is node:
-            del node.parent.children[node.name]
-        node.detached = True
-        self._maybe_free(node)
-
-    def _maybe_free(self, node: Node) -> None:
-        if node.lookups <= 0 and not node.handles and not node.children and (
-            node.detached or node.bid not in self.store.branches
-        ):
-            self._drop_node(node)
-            if node.parent is not None and node.parent.children.get(node.name) is node:
-                del node.parent.children[node.name]
-                self._maybe_free(node.parent)
-
-    def _find_node(self, bid: int, path: str) -> Node | None:
-        node = self.roots.get(bid)
-        if node is None or not path:
-            return node
-        for part in path.split("/"):
-            node = node.children.get(part)
-            if node is None:
-                return None
-        return node
 
     def _dir(self, ino: int) -> tuple[Node, BranchRec, list[Source]]:
         """A directory of a branch (the mount root is refused with EPERM)."""
@@ -1072,152 +883,6 @@ class BranchFS(pyfuse3.Operations):
     def _removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         os.removexattr(self._xattr_target(inode, write=True), name, follow_symlinks=False)
 
-    # -- the pyfuse3 entry points: typed, and only FUSEError gets out ----------------------
-
-    async def lookup(self, parent_inode: int, name: bytes,
-               ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        await self._gate_ino(parent_inode)
-        with _errors('lookup'):
-            return self._lookup(parent_inode, name, ctx)
-
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        await self._gate_ino(inode)
-        with _errors('getattr'):
-            return self._getattr(inode, ctx)
-
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
-                      fields: pyfuse3.SetattrFields,
-                fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        await self._gate_ino(inode)
-        with _errors('setattr'):
-            return self._setattr(inode, attr, fields, fh, ctx)
-
-    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        await self._gate_ino(inode)
-        with _errors('readlink'):
-            return self._readlink(inode, ctx)
-
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
-              ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        await self._gate_ino(parent_inode)
-        with _errors('mknod'):
-            return self._mknod(parent_inode, name, mode, rdev, ctx)
-
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
-              ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        await self._gate_ino(parent_inode)
-        with _errors('mkdir'):
-            return self._mkdir(parent_inode, name, mode, ctx)
-
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
-                ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        await self._gate_ino(parent_inode)
-        with _errors('symlink'):
-            return self._symlink(parent_inode, name, target, ctx)
-
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-               ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        await self._gate_ino(parent_inode)
-        with _errors('create'):
-            return self._create(parent_inode, name, mode, flags, ctx)
-
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
-             ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        await self._gate_ino(inode)
-        with _errors('link'):
-            return self._link(inode, new_parent_inode, new_name, ctx)
-
-    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._gate_ino(parent_inode)
-        with _errors('unlink'):
-            self._unlink(parent_inode, name, ctx)
-
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._gate_ino(parent_inode)
-        with _errors('rmdir'):
-            self._rmdir(parent_inode, name, ctx)
-
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
-               name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
-        await self._gate_ino(parent_inode_old)
-        with _errors('rename'):
-            self._rename(parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx)
-
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        await self._gate_ino(inode)
-        with _errors('open'):
-            return self._open(inode, flags, ctx)
-
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        await self._gate_fh(fh)
-        with _errors('read'):
-            return self._read(fh, off, size)
-
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
-        await self._gate_fh(fh)
-        with _errors('write'):
-            return self._write(fh, off, buf)
-
-    async def flush(self, fh: int) -> None:
-        await self._gate_fh(fh)
-        with _errors('flush'):
-            self._flush(fh)
-
-    async def release(self, fh: int) -> None:
-        await self._gate_fh(fh)
-        with _errors('release'):
-            self._release(fh)
-
-    async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._gate_fh(fh)
-        with _errors('fsync'):
-            self._fsync(fh, datasync)
-
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        await self._gate_ino(inode)
-        with _errors('opendir'):
-            return self._opendir(inode, ctx)
-
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        await self._gate_fh(fh)
-        with _errors('readdir'):
-            self._readdir(fh, start_id, token)
-
-    async def releasedir(self, fh: int) -> None:
-        await self._gate_fh(fh)
-        with _errors('releasedir'):
-            self._releasedir(fh)
-
-    async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await self._gate_fh(fh)
-        with _errors('fsyncdir'):
-            self._fsyncdir(fh, datasync)
-
-    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        with _errors('statfs'):
-            return self._statfs(ctx)
-
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        await self._gate_ino(inode)
-        with _errors('getxattr'):
-            return self._getxattr(inode, name, ctx)
-
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        await self._gate_ino(inode)
-        with _errors('listxattr'):
-            return self._listxattr(inode, ctx)
-
-    async def setxattr(self, inode: int, name: bytes, value: bytes,
-                 ctx: pyfuse3.RequestContext) -> None:
-        await self._gate_ino(inode)
-        with _errors('setxattr'):
-            self._setxattr(inode, name, value, ctx)
-
-    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._gate_ino(inode)
-        with _errors('removexattr'):
-            self._removexattr(inode, name, ctx)
-
     # -- shutdown -------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -1228,3 +893,39 @@ class BranchFS(pyfuse3.Operations):
                 pass
         self.handles.clear()
 
+
+# -- the pyfuse3 entry points ------------------------------------------------------------------
+#
+# Each one waits while a commit holds its branch (by the inode or handle it names first),
+# then runs the synchronous handler ``_<op>``, letting only FUSEError out. pyfuse3 calls them
+# positionally; their signatures are pyfuse3.Operations'.
+
+_BY_INODE = ("lookup", "getattr", "setattr", "readlink", "mknod", "mkdir", "symlink", "create",
+             "link", "unlink", "rmdir", "rename", "open", "opendir", "getxattr", "listxattr",
+             "setxattr", "removexattr")
+_BY_HANDLE = ("read", "write", "flush", "release", "fsync", "readdir", "releasedir", "fsyncdir")
+_UNGATED = ("statfs",)
+
+
+def _entry_point(op: str, handler: Callable[..., Any],
+                 gate: Callable[[BranchFS, int], Awaitable[None]] | None
+                 ) -> Callable[..., Awaitable[Any]]:
+    async def entry(self: BranchFS, *args: Any) -> Any:
+        if gate is not None:
+            await gate(self, args[0])
+        with _errors(op):
+            return handler(self, *args)
+
+    entry.__name__ = entry.__qualname__ = op
+    entry.__doc__ = f"pyfuse3's ``{op}``: see ``BranchFS._{op}``."
+    return entry
+
+
+def _install_entry_points() -> None:
+    for ops, gate in ((_BY_INODE, BranchFS._gate_ino), (_BY_HANDLE, BranchFS._gate_fh),
+                      (_UNGATED, None)):
+        for op in ops:
+            setattr(BranchFS, op, _entry_point(op, getattr(BranchFS, f"_{op}"), gate))
+
+
+_install_entry_points()

@@ -19,6 +19,9 @@ of the same name below it. Invariants: a layer holding an entry or a
 whiteout at ``a/b`` holds the directory ``a``; the top layer never holds a
 whiteout where it holds an entry.
 
+Sparse records are in ``._sparse``, manifests of views (digests, the paths a
+branch may have changed) in ``._scan``, and the byte copying in ``.._fileops``.
+
 Copy-up. A small file (under 1 MiB) is copied whole, with FICLONE where the
 filesystem has reflinks. A larger one is copied up *sparse* (see
 :class:`Sparse`): the top layer gets a file of the same size holding no data
@@ -44,46 +47,36 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import stat
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import attrs
 
 from ... import _journal
-from ..._branch import EntryType
-from ..._fileops import copy_data, copy_metadata, copy_range
-from ..._manifest import RACY_MARGIN_NS, Entry, Manifest, hash_file
+from ..._fileops import copy_data, copy_metadata
+from ._sparse import CHUNK, Sparse
 
 __all__ = [
     "CHUNK",
     "SPARSE_MIN",
-    "DigestCache",
     "Found",
     "Layer",
     "Quota",
     "Source",
     "Sparse",
     "View",
-    "ViewScan",
-    "delta_paths",
-    "scan_paths",
     "cost",
-    "entry_of",
-    "hash_sparse",
-    "sparse_of",
-    "whole_file",
     "join",
     "parent_of",
+    "rmtree",
+    "sparse_of",
     "split",
     "tree_usage",
+    "whole_file",
 ]
 
-#: Sparse copy-up granule: a write fills at most this much around each end.
-CHUNK = 1 << 16
 #: Files at least this large are copied up sparse; smaller ones whole.
 SPARSE_MIN = 1 << 20
 _AS_ROOT = os.geteuid() == 0
@@ -177,167 +170,6 @@ def tree_usage(tree: str) -> tuple[int, int]:
 
 
 # -- sparse copy-up ---------------------------------------------------------------------------
-
-
-class Sparse:
-    """A file of a layer that holds only some of its bytes; the rest read from below.
-
-    Byte ``i`` of the file's content is in the layer's own (real) file when
-    ``i >= limit`` or its chunk (``i // CHUNK``) is in ``present``; otherwise it
-    is byte ``i`` of ``lower``'s content (another :class:`Sparse` when the file
-    below is itself sparse, else the real file ``lower_real``). ``limit`` starts
-    at the size below and only shrinks (a truncate). Once every chunk under
-    ``limit`` is present the record is dropped (``done``) and the real file is the
-    whole content. Every change is logged before the call that needs it returns.
-    """
-
-    __slots__ = ("_fd", "done", "layer", "limit", "lower", "lower_lid", "lower_path",
-                 "lower_real", "path", "present")
-
-    def __init__(self, layer: Layer, path: str, lower_lid: str | None, lower_path: str,
-                 lower_real: str, limit: int) -> None:
-        self.layer = layer
-        self.path = path
-        self.lower_lid = lower_lid
-        self.lower_path = lower_path
-        self.lower_real = lower_real
-        self.lower: Sparse | None = None  # linked after loading (see Store.load)
-        self.limit = limit
-        self.present: set[int] = set()
-        self.done = False
-        self._fd: int | None = None
-
-    def __repr__(self) -> str:
-        return f"<Sparse {self.layer.id}:{self.path} limit={self.limit} have={len(self.present)}>"
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def _lower_fd(self) -> int:
-        if self._fd is None:
-            self._fd = os.open(self.lower_real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        return self._fd
-
-    def _nchunks(self) -> int:
-        return -(-self.limit // CHUNK)
-
-    def _from_lower(self, off: int, size: int) -> bytes:
-        lower = self.lower
-        fd = self._lower_fd()
-        if lower is not None and not lower.done:
-            data = lower.read(fd, off, size)
-        else:
-            data = os.pread(fd, size, off)
-        if len(data) < size:  # (the file below shrank behind our back: zeros, not garbage)
-            data += bytes(size - len(data))
-        return data
-
-    def read(self, fd: int, off: int, size: int) -> bytes:
-        """``size`` bytes of the content at ``off``; ``fd`` is this layer's real file."""
-        end = min(off + size, os.fstat(fd).st_size)
-        parts: list[bytes] = []
-        pos = off
-        while pos < end:
-            c = pos // CHUNK
-            if pos >= self.limit or c in self.present:
-                stop = pos  # a run of chunks held here
-                while stop < end and (stop >= self.limit or stop // CHUNK in self.present):
-                    stop = (stop // CHUNK + 1) * CHUNK
-                stop = min(stop, end)
-                parts.append(os.pread(fd, stop - pos, pos))
-            else:
-                stop = min((c + 1) * CHUNK, end, self.limit)
-                parts.append(self._from_lower(pos, stop - pos))
-            pos = stop
-        return b"".join(parts)
-
-    def write(self, fd: int, off: int, buf: bytes) -> int:
-        """Write ``buf`` at ``off`` (filling the chunks it covers only partly first)."""
-        end = off + len(buf)
-        first, last = off // CHUNK, (end - 1) // CHUNK
-        filled = []
-        for c in {first, last}:
-            if c not in self.present and c * CHUNK < self.limit and not (
-                    off <= c * CHUNK and end >= (c + 1) * CHUNK):
-                self._fill(fd, c)
-                filled.append(c)
-        n = os.pwrite(fd, buf, off)
-        whole = [c for c in range(-(-off // CHUNK), (off + n) // CHUNK)
-                 if c not in self.present and c * CHUNK < self.limit]
-        self._mark(filled + whole)
-        return n
-
-    def _fill(self, fd: int, c: int) -> None:
-        start = c * CHUNK
-        stop = min(start + CHUNK, self.limit)
-        data = self._from_lower(start, stop - start)
-        view = memoryview(data)
-        pos = start
-        while view:
-            n = os.pwrite(fd, view, pos)
-            view, pos = view[n:], pos + n
-
-    def _mark(self, chunks: list[int]) -> None:
-        if not chunks:
-            return
-        self.present.update(chunks)
-        self.layer.log_sparse(["c", self.path, sorted(chunks)])
-        if len(self.present) >= self._nchunks() and all(
-                c in self.present for c in range(self._nchunks())):
-            self._finish()
-
-    def truncated(self, size: int) -> None:
-        """The real file was just cut (or grown) to ``size``. Logged after the cut: the real
-        file is never shorter than ``limit`` otherwise, so after a crash in between the
-        record's limit is lowered to the file's size on load (:meth:`Layer.drop_missing`)."""
-        if size < self.limit:
-            self.limit = size
-            self.present = {c for c in self.present if c * CHUNK < size}
-            self.layer.log_sparse(["t", self.path, size])
-            if all(c in self.present for c in range(self._nchunks())):
-                self._finish()
-
-    def fill(self) -> None:
-        """Copy in every missing chunk (keeping the file's times); the record is dropped."""
-        if self.done:
-            return
-        real = self.layer.real(self.path)
-        st = os.lstat(real)
-        fd = os.open(real, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            plain = self.lower is None or self.lower.done  # below is a whole file
-            n = self._nchunks()
-            c = 0
-            while c < n:
-                if c in self.present:
-                    c += 1
-                    continue
-                end = c + 1
-                while end < n and end not in self.present:
-                    end += 1
-                if plain:  # a run of missing chunks: one in-kernel copy
-                    start = c * CHUNK
-                    copy_range(self._lower_fd(), fd, start, min(end * CHUNK, self.limit) - start)
-                else:
-                    for k in range(c, end):
-                        self._fill(fd, k)
-                c = end
-        finally:
-            os.close(fd)
-        os.utime(real, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-        self._finish()
-
-    def _finish(self) -> None:
-        self.done = True
-        self.close()
-        if self.layer.sparse.get(self.path) is self:
-            del self.layer.sparse[self.path]
-        self.layer.log_sparse(["m", self.path])
-
-
-# -- layers ----------------------------------------------------------------------------------
 
 
 class Layer:
@@ -836,20 +668,6 @@ def sparse_of(f: Found) -> Sparse | None:
     return None if sp is None or sp.done else sp
 
 
-def hash_sparse(real: str, sp: Sparse) -> str:
-    """:func:`hash_file` of a sparse file's content (without filling it)."""
-    h = hashlib.blake2b(digest_size=16)
-    fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        off = 0
-        while chunk := (sp.read(fd, off, 1 << 20) if not sp.done else os.pread(fd, 1 << 20, off)):
-            h.update(chunk)
-            off += len(chunk)
-    finally:
-        os.close(fd)
-    return h.hexdigest()
-
-
 def whole_file(f: Found) -> bool:
     """Make ``f``'s real file hold its whole content (fill a sparse copy); True if it did."""
     sp = f.layer.sparse.get(f.path) if f.layer is not None else None
@@ -862,182 +680,3 @@ def whole_file(f: Found) -> bool:
 def rmtree(path: str) -> None:
     """Remove a tree (or a file), also below directories without write permission."""
     _journal.remove_tree(path)
-
-
-# -- manifests of views -------------------------------------------------------------------------
-
-
-class DigestCache:
-    """Content digests by real path, trusted while (ino, size, mtime, ctime) hold.
-
-    A digest is reused only when the file's ctime is older than the moment it
-    was computed minus a margin (the "racy git" rule of :mod:`.._manifest`).
-    """
-
-    def __init__(self) -> None:
-        self._d: dict[str, tuple[tuple[int, int, int, int], str, int]] = {}
-
-    def digest(self, real: str, st: os.stat_result, sparse: Sparse | None = None) -> str:
-        key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        hit = self._d.get(real)
-        if hit is not None and hit[0] == key and key[3] < hit[2] - RACY_MARGIN_NS:
-            return hit[1]
-        started = time.time_ns()
-        digest = hash_sparse(real, sparse) if sparse is not None else hash_file(real)
-        self._d[real] = (key, digest, started)
-        if len(self._d) > 1_000_000:
-            self._d.clear()
-        return digest
-
-    def forget_under(self, directory: str) -> None:
-        prefix = directory.rstrip("/") + "/"
-        for k in [k for k in self._d if k.startswith(prefix)]:
-            del self._d[k]
-
-
-def entry_of(f: Found, cache: DigestCache) -> Entry | None:
-    """The manifest entry of ``f`` (as :func:`.._manifest.scan` would make it)."""
-    st = f.st
-    mode = st.st_mode
-    perm = stat.S_IMODE(mode)
-    if stat.S_ISREG(mode):
-        return Entry(EntryType.FILE, perm, st.st_mtime_ns, st.st_size,
-                     cache.digest(f.real, st, sparse_of(f)), uid=st.st_uid, gid=st.st_gid)
-    if stat.S_ISDIR(mode):
-        return Entry(EntryType.DIR, perm, uid=st.st_uid, gid=st.st_gid)
-    if stat.S_ISLNK(mode):
-        return Entry(EntryType.SYMLINK, 0o777, target=os.readlink(f.real),
-                     uid=st.st_uid, gid=st.st_gid)
-    if stat.S_ISFIFO(mode):
-        return Entry(EntryType.FIFO, perm, uid=st.st_uid, gid=st.st_gid)
-    return None
-
-
-@attrs.define
-class ViewScan:
-    """A view's manifest, the real path of each non-directory, and which entries its
-    layers hold (the others show through from the base)."""
-
-    manifest: Manifest
-    reals: dict[str, str]
-    owned: set[str]
-    sparse: dict[str, Sparse] = attrs.Factory(dict)  # files whose real file is not whole
-
-
-def scan_view(view: View, cache: DigestCache) -> ViewScan:
-    """Walk a view (see :class:`ViewScan`)."""
-    out: Manifest = {}
-    reals: dict[str, str] = {}
-    owned: set[str] = set()
-    for f in view.walk():
-        try:
-            e = entry_of(f, cache)
-        except FileNotFoundError:
-            continue
-        if e is None:
-            continue
-        out[f.path] = e
-        if e.type is not EntryType.DIR:
-            reals[f.path] = f.real
-        if f.layer is not None:
-            owned.add(f.path)
-    return ViewScan(out, reals, owned)
-
-
-def _walk_layer(tree: str) -> Iterator[tuple[str, bool]]:
-    """(path, is a real directory) for every entry of a layer's tree."""
-    stack = [(tree, "")]
-    while stack:
-        real, rel = stack.pop()
-        try:
-            it = os.scandir(real)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        with it:
-            for de in it:
-                p = join(rel, de.name)
-                is_dir = de.is_dir(follow_symlinks=False)
-                yield p, is_dir
-                if is_dir:
-                    stack.append((de.path, p))
-
-
-def descendants(view: View, path: str) -> Iterator[str]:
-    """Every path strictly below directory ``path`` of ``view`` (none if not a directory)."""
-    f = view.resolve(path)
-    if f is None or f.dirs is None:
-        return
-    stack = [f]
-    while stack:
-        d = stack.pop()
-        assert d.dirs is not None
-        for c in view.listdir(d.path, d.dirs):
-            yield c.path
-            if c.dirs is not None:
-                stack.append(c)
-
-
-def delta_paths(layers: list[Layer], below: View) -> set[str]:
-    """Every path where ``layers`` stacked on ``below`` may differ from ``below`` alone.
-
-    That is what the layers hold, what they delete (whiteouts), and what a
-    deletion, an opaque directory or a non-directory hides in ``below``. The
-    cost grows with the layers' contents, not with the workspace.
-    """
-    out: set[str] = set()
-    hides: set[str] = set()
-    for layer in layers:
-        for p, is_dir in _walk_layer(layer.tree):
-            out.add(p)
-            if not is_dir:
-                hides.add(p)
-        for d, names in list(layer.whiteouts.items()):
-            for n in list(names):
-                p = join(d, n)
-                out.add(p)
-                hides.add(p)
-        hides.update(layer.opaque)
-    for p in hides:
-        out.update(descendants(below, p))
-    return out
-
-
-def scan_paths(view: View, paths: Iterable[str], cache: DigestCache) -> ViewScan:
-    """Like :func:`scan_view`, for ``paths`` only (those not visible are left out)."""
-    out: Manifest = {}
-    reals: dict[str, str] = {}
-    owned: set[str] = set()
-    sparse: dict[str, Sparse] = {}
-    dirs: dict[str, Found | None] = {"": view.root()}
-
-    def resolve(p: str) -> Found | None:
-        if p in dirs:
-            return dirs[p]
-        head, _, name = p.rpartition("/")
-        parent = resolve(head)
-        f = None
-        if parent is not None and parent.dirs is not None:
-            f = view.lookup(head, parent.dirs, name)
-        if f is None or f.dirs is not None:
-            dirs[p] = f
-        return f
-
-    for p in sorted(paths):
-        f = resolve(p)
-        if f is None:
-            continue
-        try:
-            e = entry_of(f, cache)
-        except FileNotFoundError:
-            continue
-        if e is None:
-            continue
-        out[p] = e
-        if e.type is not EntryType.DIR:
-            reals[p] = f.real
-            sp = sparse_of(f)
-            if sp is not None:
-                sparse[p] = sp
-        if f.layer is not None:
-            owned.add(p)
-    return ViewScan(out, reals, owned, sparse)

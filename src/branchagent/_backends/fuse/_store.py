@@ -60,21 +60,8 @@ from ..._manifest import (
 )
 from ..._merge import plan_merge
 from ...exceptions import BranchExists, BranchNotFound
-from ._layers import (
-    DigestCache,
-    Found,
-    Layer,
-    Quota,
-    View,
-    ViewScan,
-    delta_paths,
-    entry_of,
-    parent_of,
-    rmtree,
-    scan_paths,
-    tree_usage,
-    whole_file,
-)
+from ._layers import Found, Layer, Quota, View, parent_of, rmtree, tree_usage, whole_file
+from ._scan import DigestCache, ViewScan, delta_paths, entry_of, scan_paths
 from ._watch import BaseWatch
 
 __all__ = ["BranchRec", "CommitJob", "Hooks", "Store"]
