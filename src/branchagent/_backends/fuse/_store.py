@@ -40,15 +40,10 @@ import os
 import stat
 import time
 import uuid
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
-
-import attrs
 
 from ... import _journal
 from ..._branch import Change, ChangeKind, EntryType
-from ..._fileops import copy_data, copy_metadata
 from ..._manifest import (
     Entry,
     HashCache,
@@ -60,111 +55,23 @@ from ..._manifest import (
 )
 from ..._merge import plan_merge
 from ...exceptions import BranchExists, BranchNotFound
-from ._layers import Found, Layer, Quota, View, parent_of, rmtree, tree_usage, whole_file
-from ._scan import DigestCache, ViewScan, delta_paths, entry_of, scan_paths
+from ._gens import MAX_GEN_CHAIN, BaseGenerations, patched, write_gen, write_json
+from ._layers import Found, Layer, View, rmtree, tree_usage, whole_file
+from ._nested import MERGE_PLAN, NestedMerge
+from ._records import BranchRec, CommitJob, Hooks, NoHooks
+from ._scan import DigestCache, ViewScan, delta_paths, scan_paths
 from ._watch import BaseWatch
 
-__all__ = ["BranchRec", "CommitJob", "Hooks", "Store"]
+__all__ = ["BranchRec", "CommitJob", "Hooks", "Store"]  # (records re-exported)
 
 _AS_ROOT = os.geteuid() == 0
 log = logging.getLogger("branchagent.fuse")
-MERGE_PLAN = "merge.json"  # a nested commit's plan, in the parent's top layer
 #: A top-level commit at most this big runs inline (a thread hop costs more than it).
 SMALL_COMMIT_PATHS = 32
 SMALL_COMMIT_BYTES = 1 << 20
 
 
-@attrs.define(eq=False)
-class BranchRec:
-    """One branch: its layer stack (top first) and where its snapshot starts."""
-
-    id: int
-    name: str
-    parent: int | None
-    layers: list[Layer]
-    nsnap: int  # the bottom nsnap layers (plus the base) are the parent at the fork
-    gen: int | None  # top-level branches: the base generation at the fork
-    epoch: int = 0  # bumped on every change of the namespace (the FS caches by it)
-    created: float = attrs.Factory(time.time)
-    quota: Quota = attrs.Factory(Quota)  # its disk limit (not persisted: the agent re-sends it)
-
-    def own_layers(self) -> list[Layer]:
-        return self.layers[: len(self.layers) - self.nsnap]
-
-    def snapshot_layers(self) -> list[Layer]:
-        return self.layers[len(self.layers) - self.nsnap:]
-
-    def to_json(self) -> dict[str, object]:
-        return {"id": self.id, "name": self.name, "parent": self.parent,
-                "layers": [layer.id for layer in self.layers], "nsnap": self.nsnap,
-                "gen": self.gen, "created": self.created}
-
-
-@attrs.define(eq=False)
-class CommitJob:
-    """A commit between its steps (see :meth:`Store.commit_prepare`)."""
-
-    b: BranchRec
-    p: BranchRec | None
-    paths: set[str]
-    below: View
-    rescan: bool
-    busy: tuple[int, ...]
-    heavy: bool = True  # run commit_work in a worker thread (else inline: a small commit)
-    changes: list[Change] = attrs.Factory(list)
-    new_base: Manifest | None = None
-    base_patch: dict[str, Entry | None] = attrs.Factory(dict)
-    merged: list[str] = attrs.Factory(list)
-
-
-class Hooks(Protocol):
-    """What the filesystem layer must hear about (caches, open files, inodes)."""
-
-    def froze(self, b: BranchRec, old_top: Layer) -> None: ...
-
-    def merged(self, b: BranchRec, paths: Iterable[str]) -> None: ...
-
-    def gone(self, bid: int) -> None: ...
-
-    def held_open(self, b: BranchRec) -> int:
-        """Bytes of ``b``'s files removed while still open (held until their last close)."""
-        ...
-
-
-class _NoHooks:
-    def froze(self, b: BranchRec, old_top: Layer) -> None:
-        pass
-
-    def merged(self, b: BranchRec, paths: Iterable[str]) -> None:
-        pass
-
-    def gone(self, bid: int) -> None:
-        pass
-
-    def held_open(self, b: BranchRec) -> int:
-        return 0
-
-
-def _write_json(path: str, data: object) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
-
-
-def write_gen(path: str, manifest: Manifest) -> None:
-    _write_json(path, {p: e.to_json() for p, e in manifest.items()})
-
-
-#: Deltas in a row before a generation is written whole again (bounds reading at open).
-MAX_GEN_CHAIN = 32
-
-
-def _depth_key(path: str) -> tuple[str, ...]:
-    return tuple(path.split("/"))
-
-
-class Store:
+class Store(BaseGenerations, NestedMerge):
     """Every branch of one workspace (see the module docstring)."""
 
     def __init__(self, root: str, state: str) -> None:
@@ -190,7 +97,7 @@ class Store:
         self.frozen_usage: dict[str, tuple[int, int]] = {}  # lid -> tree_usage, frozen layers
         self.next_id = 1
         self.unsaved: set[int] = set()
-        self.hooks: Hooks = _NoHooks()
+        self.hooks: Hooks = NoHooks()
         self.watch = BaseWatch(root)
 
     # -- loading ----------------------------------------------------------------------------
@@ -281,180 +188,10 @@ class Store:
                          created=float(created) if isinstance(created, int | float)
                          else time.time())
 
-    def _gens_on_disk(self) -> list[int]:
-        out = []
-        for n in os.listdir(self.base_dir):
-            stem, _, ext = n.partition(".")
-            if ext == "json" and stem.isdigit():
-                out.append(int(stem))
-        return out
-
-    def _read_gen(self, gen: int) -> Manifest:
-        """A generation from disk: whole, or a delta of another (read first, kept)."""
-        with open(os.path.join(self.base_dir, f"{gen}.json")) as f:
-            raw = json.load(f)
-        if "parent" in raw and "patch" in raw and len(raw) == 2:
-            parent = int(raw["parent"])
-            if parent not in self.gens:
-                self.gens[parent] = self._read_gen(parent)
-            out = dict(self.gens[parent])
-            for p, e in raw["patch"].items():
-                if e is None:
-                    out.pop(p, None)
-                else:
-                    out[p] = Entry.from_json(e)
-            self.gen_parent[gen] = parent
-            self.gen_depth[gen] = self.gen_depth.get(parent, 0) + 1
-            self.written.add(gen)
-            return out
-        self.gen_depth[gen] = 0
-        self.written.add(gen)
-        return {p: Entry.from_json(e) for p, e in raw.items()}
-
-    def _new_gen(self, manifest: Manifest, *, parent: int | None = None,
-                 patch: dict[str, Entry | None] | None = None) -> None:
-        """Make ``manifest`` the current base generation (``parent`` + ``patch``: what it
-        is made of, written as such). It is written when a branch first needs it
-        (:meth:`_save_gen`): whole, or as its delta, which is small enough to write
-        before a fork is answered."""
-        self.gen += 1
-        self.gens[self.gen] = manifest
-        self.unsaved.add(self.gen)
-        if parent is not None and patch is not None and parent in self.gens:
-            self.gen_parent[self.gen] = parent
-            self.gen_patch[self.gen] = patch
-            self.gen_depth[self.gen] = self.gen_depth.get(parent, 0) + 1
-        else:
-            self.gen_depth[self.gen] = 0
-
-    def _gen_path(self, gen: int) -> str:
-        return os.path.join(self.base_dir, f"{gen}.json")
-
-    def _save_gen(self, gen: int) -> None:
-        if gen not in self.unsaved:
-            return
-        patch = self.gen_patch.pop(gen, None)
-        parent = self.gen_parent.get(gen)
-        if patch is not None and parent is not None and self.gen_depth[gen] <= MAX_GEN_CHAIN:
-            self._save_gen(parent)
-            _write_json(self._gen_path(gen), {
-                "parent": parent,
-                "patch": {p: None if e is None else e.to_json() for p, e in patch.items()}})
-        else:
-            write_gen(self._gen_path(gen), self.gens[gen])
-            self.gen_parent.pop(gen, None)
-            self.gen_depth[gen] = 0
-        self.unsaved.discard(gen)
-        self.written.add(gen)
-
-    def _drop_gens(self, *, on_disk: bool) -> None:
-        """Forget generations no longer needed in memory (all but the current one and the
-        branches'), folding an unsaved delta into its unsaved child first; delete the
-        files of those no kept generation is a delta of (``on_disk``: also files of
-        generations this process never loaded)."""
-        mem_keep = {self.gen, *(b.gen for b in self.branches.values() if b.gen is not None)}
-        for g in sorted(g for g in self.gens if g not in mem_keep):
-            if g in self.unsaved:  # not on disk: a child's delta cannot point at it
-                for c in [c for c, par in self.gen_parent.items() if par == g]:
-                    gp, gpar = self.gen_patch.get(g), self.gen_parent.get(g)
-                    if c not in self.gen_patch:
-                        continue  # (already written: then g was written before it)
-                    if gp is None or gpar is None:  # g is whole: c will be written whole
-                        del self.gen_patch[c], self.gen_parent[c]
-                        self.gen_depth[c] = 0
-                    else:
-                        self.gen_patch[c] = {**gp, **self.gen_patch[c]}
-                        self.gen_parent[c] = gpar
-                        self.gen_depth[c] = self.gen_depth.get(g, 1)
-                self.unsaved.discard(g)
-                self.gen_patch.pop(g, None)
-                self.gen_parent.pop(g, None)
-            del self.gens[g]
-        disk_keep: set[int] = set()
-        todo = list(mem_keep)
-        while todo:
-            g = todo.pop()
-            if g not in disk_keep:
-                disk_keep.add(g)
-                if g in self.gen_parent:
-                    todo.append(self.gen_parent[g])
-        for g in [g for g in self.gen_parent if g not in disk_keep]:
-            del self.gen_parent[g]
-        for g in [g for g in self.gen_depth if g not in disk_keep]:
-            del self.gen_depth[g]
-        on = self._gens_on_disk() if on_disk else []
-        for g in set(on) | self.written:
-            if g not in disk_keep:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._gen_path(g))
-                self.written.discard(g)
-
-    def _scan_base(self) -> Manifest:
-        self.watch.take_dirty()  # what happens from now on is seen by the next check
-        manifest, self.base_cache = scan(Path(self.root), self.base_cache)
-        self.watch.watch(p for p, e in manifest.items() if e.type is EntryType.DIR)
-        return manifest
-
-    def _refresh_base(self) -> None:
-        """Bring the base manifest up to date with outside writes since the last scan:
-        rescan the paths the watch saw written (and below the directories among them),
-        or the whole base when it cannot say which."""
-        changed = self.watch.take_changes()
-        if changed == set():
-            return
-        old = self.gen
-        patched = None if changed is None else self._patch_base(self.gens[old], changed)
-        if patched is None:
-            self._new_gen(self._scan_base())
-        else:
-            self._new_gen(patched[0], parent=old, patch=patched[1])
-        self._drop_gens(on_disk=False)
-
     @staticmethod
     def _discard(path: str) -> None:
         with contextlib.suppress(OSError):
             rmtree(path)
-
-    def _patch_base(self, old: Manifest, changed: set[str]
-                    ) -> tuple[Manifest, dict[str, Entry | None]] | None:
-        """``old`` with ``changed`` paths rescanned, and the delta (None: too many
-        changes; rescan everything)."""
-        if len(changed) > max(64, len(old) // 8):
-            return None
-        new = dict(old)
-        dirs = [p for p in changed if (e := old.get(p)) is not None and e.type is EntryType.DIR]
-        for p in changed:
-            new.pop(p, None)
-        if dirs:  # a directory removed, replaced or made: what was below it goes too
-            prefixes = tuple(p + "/" for p in dirs)
-            for k in [k for k in new if k.startswith(prefixes)]:
-                del new[k]
-        watch: list[str] = []
-        for p in sorted(changed, key=_depth_key):
-            if p in new:
-                continue  # found by the scan of a directory above it
-            parent = parent_of(p)
-            if parent and (pe := new.get(parent)) is not None and pe.type is not EntryType.DIR:
-                continue
-            real = os.path.join(self.root, p)
-            try:
-                st = os.lstat(real)
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                below, _ = scan(Path(real))
-                new[p] = Entry(EntryType.DIR, stat.S_IMODE(st.st_mode), uid=st.st_uid,
-                               gid=st.st_gid)
-                for q, e in below.items():
-                    new[f"{p}/{q}"] = e
-                watch.append(p)
-                watch.extend(f"{p}/{q}" for q, e in below.items() if e.type is EntryType.DIR)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    if (e := entry_of(Found(p, None, real, st, None), self.digests)) is not None:
-                        new[p] = e
-        self.watch.watch(watch)
-        return new, _delta(old, new, changed, dirs)
 
     def gc(self, *, strays: bool = False) -> None:
         """Remove layers and base generations no branch references (``strays``: also
@@ -502,7 +239,7 @@ class Store:
     def _save(self, b: BranchRec) -> None:
         d = os.path.join(self.branches_dir, str(b.id))
         os.makedirs(d, exist_ok=True)
-        _write_json(os.path.join(d, "meta.json"), b.to_json())
+        write_json(os.path.join(d, "meta.json"), b.to_json())
 
     # -- operations ----------------------------------------------------------------------------
 
@@ -727,7 +464,7 @@ class Store:
             ops = _journal.build_plan(merge, theirs, ours, lambda q: Path(reals[q]))
             _journal.apply(Path(self.root), Path(self.journal), ops,
                            release=[Path(meta_dir), Path(b.layers[0].dir)])
-            job.new_base, job.base_patch = _patched(base_now, merge, ours)
+            job.new_base, job.base_patch = patched(base_now, merge, ours)
         else:
             job.merged = self._merge(p, b, merge, ours, reals)
 
@@ -774,101 +511,6 @@ class Store:
         self.by_name.pop(b.name, None)
         self.hooks.gone(b.id)
 
-    def _merge(self, p: BranchRec, b: BranchRec, paths: set[str], ours: Manifest,
-               reals: dict[str, str], *, redo: bool = False) -> list[str]:
-        """Make ``p``'s view hold ``ours`` on ``paths``, in ``p``'s top layer; return the
-        paths it wrote (for the filesystem to invalidate). The plan is written first;
-        ``redo``: finish one a crash interrupted (see the module docstring)."""
-        view = self.view(p)
-        top = view.top
-        if not redo:
-            plan = {"child": b.id, "paths": sorted(paths),
-                    "ours": {q: e.to_json() for q, e in ours.items() if q in paths},
-                    "reals": {q: r for q, r in reals.items() if q in paths}}
-            _journal.write_durable(Path(top.dir) / MERGE_PLAN, json.dumps(plan).encode())
-        _journal.fault("merge-intent")
-        movable = tuple(layer.tree + "/" for layer in b.own_layers())
-        dirs: list[tuple[str, Entry]] = []
-        done: list[str] = []
-        for i, q in enumerate(sorted(paths, key=_depth_key)):
-            if i:
-                _journal.fault(f"merge:{i - 1}")
-            want = ours.get(q)
-            parent_path = parent_of(q)
-            if parent_path:
-                pf = view.resolve(parent_path)
-                if pf is None or not pf.is_dir:
-                    continue  # below a directory this merge removed or replaced
-            if (want is not None and want.type is EntryType.FILE
-                    and reals[q].startswith(movable) and not os.path.lexists(reals[q])):
-                done.append(q)
-                continue  # moved before a crash: this step is done
-            have = view.resolve(q)
-            done.append(q)
-            if want is None:
-                if have is not None:
-                    view.remove(have)
-                continue
-            if want.type is EntryType.DIR:
-                if have is not None and have.is_dir:
-                    view.ensure_dir(q)
-                else:
-                    if have is not None:
-                        view.remove(have)
-                    real = view.prepare_new(q)
-                    os.mkdir(real, 0o700)
-                    top.set_opaque(q)
-                    _chown(real, want)
-                dirs.append((q, want))
-                continue
-            if have is not None:
-                view.remove(have)
-            real = view.prepare_new(q)
-            if want.type is EntryType.SYMLINK:
-                os.symlink(want.target, real)
-                _chown(real, want)
-                continue
-            src = reals[q]
-            if want.type is EntryType.FILE and src.startswith(movable):
-                os.rename(src, real)
-            elif want.type is EntryType.FILE:
-                copy_data(src, real, None)
-                copy_metadata(src, real, os.lstat(src))
-            else:
-                os.mkfifo(real, 0o600)
-                copy_metadata(src, real, os.lstat(src))
-        for q, want in reversed(dirs):
-            real = top.real(q)
-            os.chmod(real, want.mode)
-        top.dirty = True
-        _journal.fault("merge-done")
-        return done
-
-    def _finish_merges(self) -> None:
-        """At open: finish nested commits a crash interrupted (their plans are in the
-        parents' top layers), then forget the children they committed."""
-        for p in list(self.branches.values()):
-            plan_path = os.path.join(p.layers[0].dir, MERGE_PLAN)
-            try:
-                with open(plan_path) as f:
-                    plan = json.load(f)
-            except FileNotFoundError:
-                continue
-            except ValueError:  # torn while it was written: no step had been taken yet
-                plan = {"child": -1}
-            child = self.branches.get(int(plan["child"]))
-            if child is not None:
-                log.warning("finishing the commit of %r into %r interrupted by a crash",
-                            child.name, p.name)
-                ours = {q: Entry.from_json(e) for q, e in plan["ours"].items()}
-                self._merge(p, child, set(plan["paths"]), ours, dict(plan["reals"]),
-                            redo=True)
-                self.branches.pop(child.id)
-                self.by_name.pop(child.name, None)
-                self._discard(os.path.join(self.branches_dir, str(child.id)))
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(plan_path)
-
     def resolve(self, b: BranchRec, path: str) -> Found | None:
         return self.view(b).resolve(path)
 
@@ -876,52 +518,6 @@ class Store:
         self.watch.close()
         for layer in self.layers.values():
             layer.release()
-
-
-def _patched(base: Manifest, paths: set[str], ours: Manifest
-             ) -> tuple[Manifest, dict[str, Entry | None]]:
-    """``base`` after a commit wrote ``ours`` on ``paths`` (a removed directory goes
-    whole), and the delta between them."""
-    new = dict(base)
-    patch: dict[str, Entry | None] = {}
-    gone: list[str] = []
-    for q in sorted(paths, key=_depth_key):
-        old, want = new.get(q), ours.get(q)
-        if old is not None and old.type is EntryType.DIR and (
-                want is None or want.type is not EntryType.DIR):
-            gone.append(q + "/")
-        if want is None:
-            new.pop(q, None)
-        else:
-            new[q] = want
-        patch[q] = want
-    if gone:
-        prefixes = tuple(gone)
-        for k in [k for k in new if k.startswith(prefixes)]:
-            del new[k]
-            patch[k] = None
-    return new, patch
-
-
-def _delta(old: Manifest, new: Manifest, changed: set[str], dirs: list[str]
-           ) -> dict[str, Entry | None]:
-    """What differs between ``old`` and ``new`` at ``changed`` and below ``dirs``."""
-    keys = set(changed)
-    if dirs:
-        prefixes = tuple(d + "/" for d in dirs)
-        keys.update(k for k in old if k.startswith(prefixes))
-        keys.update(k for k in new if k.startswith(prefixes))
-    for p in changed:  # directories made: everything found below them
-        if (e := new.get(p)) is not None and e.type is EntryType.DIR and p not in dirs:
-            prefix = p + "/"
-            keys.update(k for k in new if k.startswith(prefix))
-    return {k: new.get(k) for k in keys if new.get(k) != old.get(k)}
-
-
-def _chown(real: str, e: Entry) -> None:
-    if _AS_ROOT and e.uid >= 0:
-        with contextlib.suppress(OSError):
-            os.lchown(real, e.uid, e.gid)
 
 
 def _read(real: str) -> bytes:
