@@ -11,7 +11,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import branchagent as ba
+from branchagent._backends.fuse._backend import check_available
 
 __all__ = [
     "check_tree",
@@ -19,12 +22,28 @@ __all__ = [
     "lineage",
     "make_repo",
     "processes_with",
+    "requires_fuse",
     "sleep_token",
     "snapshot",
     "step",
     "tree_state",
     "workspace",
 ]
+
+
+def _fuse_missing() -> str | None:
+    """Why the FUSE backend cannot work here, naming what is missing; None when it can."""
+    try:
+        check_available()
+    except ba.BackendUnavailable as exc:
+        return f"the FUSE backend is unavailable here: {exc}"
+    return None
+
+
+_FUSE_MISSING = _fuse_missing()
+#: Skips a test, or a module (in ``pytestmark``), where the FUSE backend cannot work; the
+#: reason says what is missing (pyfuse3, /dev/fuse or access to it, fusermount3).
+requires_fuse = pytest.mark.skipif(_FUSE_MISSING is not None, reason=str(_FUSE_MISSING))
 
 #: (type, mode, content digest or symlink target) per relative path.
 Tree = dict[str, tuple[str, int, str]]

@@ -23,23 +23,11 @@ import pytest
 from structlog.testing import capture_logs
 
 import branchagent as ba
-from _support import tree_state
+from _support import requires_fuse, tree_state
 from branchagent._backends.fuse import FuseBackend
-from branchagent._backends.fuse._backend import check_available
 from branchagent._sandbox._run import isolation_available
-from branchagent.exceptions import BackendUnavailable
-
-
-def _fuse_unavailable() -> str | None:
-    try:
-        check_available()
-    except BackendUnavailable as exc:
-        return f"FUSE backend unavailable (needs pyfuse3 and /dev/fuse): {exc}"
-    return None
-
 
 pytestmark = pytest.mark.anyio
-needs_fuse = pytest.mark.skipif(_fuse_unavailable() is not None, reason=str(_fuse_unavailable()))
 needs_isolation = pytest.mark.skipif(
     not isolation_available(),
     reason="needs private mount and PID namespaces (unshare --mount --pid): not permitted here",
@@ -208,7 +196,7 @@ async def test_copy_backend_cannot_hold_a_disk_limit(repo: Path) -> None:
 # -- enforcement: FUSE ------------------------------------------------------------------------
 
 
-@needs_fuse
+@requires_fuse
 @needs_isolation
 @pytest.mark.parametrize("isolate", [True, False])
 async def test_a_writer_past_the_limit_gets_edquot_and_the_branch_lives_on(
@@ -252,7 +240,7 @@ async def test_a_writer_past_the_limit_gets_edquot_and_the_branch_lives_on(
     assert tree_state(repo) == before
 
 
-@needs_fuse
+@requires_fuse
 async def test_workspace_limit_holds_for_every_branch_and_plain_writes(repo: Path) -> None:
     before = tree_state(repo)
     async with fuse_ws(repo, disk_limit="256K") as ws:
@@ -287,7 +275,7 @@ async def test_workspace_limit_holds_for_every_branch_and_plain_writes(repo: Pat
     assert tree_state(repo) == before
 
 
-@needs_fuse
+@requires_fuse
 async def test_a_copy_up_counts_at_the_files_whole_size(repo: Path) -> None:
     (repo / "big.bin").write_bytes(os.urandom(3 * MIB))  # copied up sparse: counted whole
     before = tree_state(repo)
@@ -308,7 +296,7 @@ async def test_a_copy_up_counts_at_the_files_whole_size(repo: Path) -> None:
     assert tree_state(repo) == before
 
 
-@needs_fuse
+@requires_fuse
 async def test_a_file_removed_while_open_counts_until_closed(repo: Path) -> None:
     async with fuse_ws(repo) as ws:
         b = await ws.fork(disk_limit="1M")
@@ -332,7 +320,7 @@ async def test_a_file_removed_while_open_counts_until_closed(repo: Path) -> None
         assert (await b.usage()).bytes == 600 * KIB
 
 
-@needs_fuse
+@requires_fuse
 async def test_nested_branches_count_their_own_bytes(repo: Path) -> None:
     """A child's bytes are its own while it is open; once committed they are the
     parent's (the commit is never refused, even past the parent's limit)."""

@@ -24,25 +24,13 @@ import pytest
 
 import branchagent as ba
 from _fuse_fault import fault_server
-from _support import tree_state
+from _support import requires_fuse, tree_state
 from branchagent import testing
 from branchagent._backends.fuse import FuseBackend
-from branchagent._backends.fuse._backend import check_available, is_mounted
+from branchagent._backends.fuse._backend import is_mounted
 from branchagent._workspace import Workspace
-from branchagent.exceptions import BackendUnavailable
 
-
-def _unavailable() -> str | None:
-    try:
-        check_available()
-    except BackendUnavailable as exc:
-        return f"FUSE backend unavailable (needs pyfuse3 and /dev/fuse): {exc}"
-    return None
-
-
-pytestmark = [pytest.mark.anyio,
-              pytest.mark.skipif(_unavailable() is not None, reason=str(_unavailable()))]
-
+pytestmark = [pytest.mark.anyio, requires_fuse]
 
 
 @asynccontextmanager

@@ -36,27 +36,15 @@ import structlog
 
 import branchagent as ba
 from _fuse_fault import FAULT_ENV, fault_server
-from _support import Tree, tree_state
-from branchagent._backends.fuse._backend import FuseBackend, check_available, is_mounted
-from branchagent.exceptions import BackendUnavailable
-
-#: (type, mode, SHA-256 of the content or the symlink target) per relative path.
+from _support import Tree, requires_fuse, tree_state
+from branchagent._backends.fuse._backend import FuseBackend, is_mounted
 
 HERE = Path(__file__).resolve().parent
 #: Exit statuses of the agent.
 COMMITTED, FAILED_CLOSED, FAILED_EXITED = 0, 3, 4
 
 
-def _unavailable() -> str | None:
-    try:
-        check_available()
-    except BackendUnavailable as exc:
-        return f"FUSE backend unavailable (needs pyfuse3 and /dev/fuse): {exc}"
-    return None
-
-
-pytestmark = [pytest.mark.anyio,
-              pytest.mark.skipif(_unavailable() is not None, reason=str(_unavailable()))]
+pytestmark = [pytest.mark.anyio, requires_fuse]
 
 
 @pytest.fixture

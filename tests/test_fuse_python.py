@@ -21,23 +21,11 @@ import anyio
 import pytest
 
 import branchagent as ba
-from _support import snapshot
+from _support import requires_fuse, snapshot
 from branchagent._backends.fuse import FuseBackend
-from branchagent._backends.fuse._backend import check_available
 from branchagent._sandbox._run import isolation_available
-from branchagent.exceptions import BackendUnavailable
 
-
-def _unavailable() -> str | None:
-    try:
-        check_available()
-    except BackendUnavailable as exc:
-        return f"FUSE backend unavailable (needs pyfuse3 and /dev/fuse): {exc}"
-    return None
-
-
-pytestmark = [pytest.mark.anyio,
-              pytest.mark.skipif(_unavailable() is not None, reason=str(_unavailable()))]
+pytestmark = [pytest.mark.anyio, requires_fuse]
 
 needs_isolation = pytest.mark.skipif(
     not isolation_available(),

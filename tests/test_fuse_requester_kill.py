@@ -27,22 +27,10 @@ import anyio
 import pytest
 
 import branchagent as ba
-from _support import tree_state
+from _support import requires_fuse, tree_state
 from branchagent._backends.fuse import FuseBackend
-from branchagent._backends.fuse._backend import check_available
-from branchagent.exceptions import BackendUnavailable
 
-
-def _unavailable() -> str | None:
-    try:
-        check_available()
-    except BackendUnavailable as exc:
-        return f"FUSE backend unavailable (needs pyfuse3 and /dev/fuse): {exc}"
-    return None
-
-
-pytestmark = [pytest.mark.anyio,
-              pytest.mark.skipif(_unavailable() is not None, reason=str(_unavailable()))]
+pytestmark = [pytest.mark.anyio, requires_fuse]
 
 #: Every control request must be answered within this many seconds (the watchdog
 #: unblocks a stuck read after 0.25 s; the rest is headroom for a loaded machine).

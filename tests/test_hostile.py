@@ -37,7 +37,7 @@ import attrs
 import pytest
 
 import branchagent as ba
-from branchagent._backends.fuse._backend import check_available
+from _support import requires_fuse
 from branchagent._sandbox import _cgroup
 from branchagent._sandbox._run import isolation_available
 
@@ -626,14 +626,6 @@ async def test_a_sparse_file_is_committed_by_rename_not_copied(repo: Path) -> No
         assert (st.st_size, st.st_blocks) == (256 << 20, 0)
 
 
-def _fuse_unavailable() -> str | None:
-    try:
-        check_available()
-    except ba.BackendUnavailable as exc:
-        return f"a disk limit needs the FUSE backend (pyfuse3 and /dev/fuse): {exc}"
-    return None
-
-
 def _disk_used(path: Path) -> int:
     """Bytes really allocated under ``path`` (st_blocks), as ``du`` counts them."""
     total = 0
@@ -659,7 +651,7 @@ print(n, 0)
 
 @needs_isolation
 @ONE_LOOP
-@pytest.mark.skipif(_fuse_unavailable() is not None, reason=str(_fuse_unavailable()))
+@requires_fuse
 async def test_real_data_writer_is_bounded_by_a_disk_quota(repo: Path) -> None:
     """Incompressible data, written as fast as it goes: the branch stops at its limit
     with EDQUOT, the disk under the state directory holds no more than that, and the
