@@ -32,7 +32,8 @@ def _factory(name: str) -> testing.BackendFactory:
 
 def _outside_writes(name: str) -> bool:
     """Whether the model may write into the base behind the workspace's back: not for a
-    backend whose top-level branches show the live base (DESIGN.md allows it)."""
+    backend whose top-level branches show the live base, as docs/design.md allows
+    ("Departures from the design brief")."""
     return ba.load_backend(name).isolates_outside_writes
 
 
