@@ -5,6 +5,7 @@ Progress displays and reports read these instead of log event names.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ async def test_fork_commit_abort_emit_in_order(repo: Path, backend_name: str) ->
     async with ba.open_workspace(repo, backend=backend_name) as ws:
         with observe(seen.append):
             a = await ws.fork("a")
-            loser = await ws.fork("loser")
+            await ws.fork("loser")
             kid = await a.fork("kid")
             gone = await a.fork("gone")
             await gone.abort()
@@ -78,7 +79,7 @@ async def test_losers_are_released_in_one_backend_request(
         be = ws.backend
         orig_many, orig_one = be.abort_many, be.abort
 
-        async def many(names: list[str]) -> None:
+        async def many(names: Sequence[str]) -> None:
             calls.append(("abort_many", tuple(names)))
             await orig_many(names)
 
@@ -108,7 +109,8 @@ async def test_abort_many_is_idempotent(repo: Path, backend_name: str) -> None:
         await a.fork("a1")
         await be.abort_many(["a1", "a"])
         await be.abort_many(["a1", "a", "never"])
-        assert not be.exists("a") and not be.exists("a1")
+        assert not be.exists("a")
+        assert not be.exists("a1")
         b = await ws.fork("b")
         (b.path / "new.txt").write_text("b\n")
         await b.commit()
