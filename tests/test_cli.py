@@ -680,3 +680,60 @@ def test_no_isolate_runs_in_the_branch_directory(repo: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["stdout"].strip() != os.fspath(repo)  # cwd: the branch copy
     assert (repo / "z.txt").read_text() == "z\n"
+
+
+# -- the progress display reads events, not log lines -----------------------------------------
+
+
+def _plain_progress() -> tuple[Any, Any]:
+    import io
+
+    from branchagent.cli._progress import Progress
+
+    stream = io.StringIO()
+    return Progress(stream, live=False), stream
+
+
+def test_progress_is_driven_by_events() -> None:
+    progress, stream = _plain_progress()
+    events = [
+        ba.Event(kind="branch_forked", branch="b-0", parent=None, depth=0),
+        ba.Event(kind="branch_forked", branch="b-1", parent=None, depth=0),
+        ba.Event(kind="candidate_started", strategy="speculate", index=0, branch="b-0", depth=0),
+        ba.Event(kind="candidate_finished", strategy="speculate", index=1, branch="b-1", depth=0,
+                 data={"success": False, "score": None, "error": None, "duration": 0.1}),
+        ba.Event(kind="candidate_finished", strategy="speculate", index=0, branch="b-0", depth=0,
+                 data={"success": True, "score": 2.5, "error": None, "duration": 0.2}),
+        ba.Event(kind="winner_committed", strategy="speculate", index=0, branch="b-0", depth=0),
+        ba.Event(kind="branch_forked", branch="b-2", parent=None, depth=0),
+        ba.Event(kind="branch_invalidated", branch="b-2", depth=0),
+    ]
+    for event in events:
+        progress.feed(event)
+    assert {name: row.state for name, row in progress.rows.items()} == {
+        "b-0": "committed", "b-1": "failed", "b-2": "invalidated"}
+    assert progress.rows["b-0"].score == 2.5
+    assert progress.winner == "b-0"
+    text = stream.getvalue()
+    assert "failed    b-1" in text
+    assert "committed b-0" in text
+
+
+def test_progress_observes_events_and_ignores_log_lines(tmp_path: Path) -> None:
+    import anyio
+    import structlog
+
+    progress, _ = _plain_progress()
+
+    async def main() -> None:
+        async with ba.open_workspace(tmp_path, backend="copy") as ws:
+            with ba.observe(progress.feed):
+                b = await ws.fork("seen")
+                await b.commit()
+            # A log line that looks like an event changes nothing: logs are not an API.
+            structlog.get_logger("branchagent").info("branch_forked", branch="logged", depth=0)
+
+    anyio.run(main)
+    assert "logged" not in progress.rows
+    assert progress.rows["seen"].state == "committed"
+    assert progress.winner == "seen"
