@@ -8,20 +8,6 @@ from ._doctor import DoctorCheck, DoctorReport, doctor
 from ._events import Event, observe
 from ._limits import Limits
 from ._sandbox._run import RunResult
-from ._strategy import (
-    Candidate,
-    Command,
-    Executor,
-    Isolated,
-    LocalExecutor,
-    Outcome,
-    Result,
-    Strategy,
-    Verdict,
-    available_strategies,
-    get_strategy,
-    run_candidate,
-)
 from ._workspace import Workspace, WorkspaceBranch, open_workspace
 from .exceptions import (
     BackendError,
@@ -49,20 +35,35 @@ from .exceptions import (
     WorkspaceError,
     WorkspaceLocked,
 )
+from .strategy import (
+    Candidate,
+    Command,
+    Executor,
+    Isolated,
+    LocalExecutor,
+    Outcome,
+    Result,
+    Strategy,
+    Verdict,
+    available_strategies,
+    get_strategy,
+    run_candidate,
+)
 
 __version__ = "0.1.0"
 
-# Last: the built-in strategies import branchagent._strategy, so they come after it.
-from branchagent_strategies import (
-    Beam,
-    BestOfN,
-    Cascaded,
-    Reflexion,
-    Speculate,
-    SpeculativeExecution,
-    Tournament,
-    TreeSearch,
-)
+# Last: the built-in strategies are built on branchagent.strategy. They are imported
+# module by module (not from the package), so that importing one of them first
+# (branchagent_strategies imports branchagent before its modules) is no cycle.
+from branchagent_strategies.beam import Beam
+from branchagent_strategies.best_of_n import BestOfN
+from branchagent_strategies.cascaded import Cascaded
+from branchagent_strategies.merge import Merge
+from branchagent_strategies.reflexion import Reflexion
+from branchagent_strategies.speculate import Speculate
+from branchagent_strategies.speculative_execution import SpeculativeExecution
+from branchagent_strategies.tournament import Tournament
+from branchagent_strategies.tree_search import TreeSearch
 
 from . import llm as llm  # the vLLM glue; imports neither vllm nor openai
 
@@ -99,6 +100,7 @@ __all__ = [
     "IsolationUnavailable",
     "Limits",
     "LocalExecutor",
+    "Merge",
     "Outcome",
     "PathEscapeError",
     "ProcessKilled",

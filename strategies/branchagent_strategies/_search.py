@@ -3,36 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-import inspect
 import os
 import stat
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeAlias
 
-import anyio
 import anyio.to_thread
 
-from branchagent._branch import Branch
-from branchagent._strategy import (
-    AfterHook,
-    Arena,
-    Candidate,
-    Target,
-    Trial,
-    Verdict,
-)
+from branchagent import Branch
 from branchagent.exceptions import CandidateError
+from branchagent.strategy import AfterHook, Arena, Candidate, Target, Trial, Verdict, call
 
-__all__ = [
-    "Expand",
-    "best_of",
-    "judge_with",
-    "propose",
-    "rank_key",
-    "state_key",
-    "viable",
-]
+__all__ = ["Expand", "judge_with", "propose", "state_key", "viable"]
 
 Expand: TypeAlias = Callable[[Branch, int], Awaitable[Iterable[Candidate]] | Iterable[Candidate]]
 """``expand(branch, depth)``, async or sync: the candidates to try from a node's state."""
@@ -40,29 +23,21 @@ Expand: TypeAlias = Callable[[Branch, int], Awaitable[Iterable[Candidate]] | Ite
 _CHUNK = 1 << 20
 
 
-async def propose(expand: Expand, branch: Branch, depth: int) -> list[Candidate]:
-    """Call ``expand`` (a sync one in a worker thread) and check what it returned.
+async def propose(
+    expand: Callable[..., object], branch: Branch, arg: int, *, what: str = "expand"
+) -> list[Candidate]:
+    """Call ``expand(branch, arg)`` (a sync one in a worker thread) and check what it returned.
 
     Raises what ``expand`` raised, or :class:`CandidateError` when it returned
-    something that is not an iterable of candidates (a string, a mapping, ...).
+    something that is not an iterable of candidates (a string, a mapping, ...);
+    ``what`` names the callback in that error.
     """
-    if _is_async(expand):
-        value: object = expand(branch, depth)
-    else:
-        value = await anyio.to_thread.run_sync(expand, branch, depth, abandon_on_cancel=True)
-    if inspect.isawaitable(value):
-        value = await value
+    value: object = await call(expand, branch, arg)
     if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
         raise CandidateError(
-            f"expand returned {type(value).__name__}; expected an iterable of candidates"
+            f"{what} returned {type(value).__name__}; expected an iterable of candidates"
         )
     return list(value)
-
-
-def _is_async(fn: object) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004 (an object with an async __call__)
-    )
 
 
 def judge_with(arena: Arena, evaluate: Candidate | None) -> AfterHook:
@@ -97,17 +72,6 @@ def judge_with(arena: Arena, evaluate: Candidate | None) -> AfterHook:
 def viable(trial: Trial) -> bool:
     """Whether ``trial`` ran to the end without error and its candidate succeeded."""
     return trial.done and trial.error is None and bool(trial.info.get("candidate_success"))
-
-
-def rank_key(trial: Trial) -> tuple[bool, float, int]:
-    """Sort key, best first: a number beats no score, then higher, then the lower index."""
-    score = trial.score
-    return (score is None, -score if score is not None else 0.0, trial.index)
-
-
-def best_of(trials: Sequence[Trial]) -> Trial | None:
-    """The best trial by :func:`rank_key`, or ``None``."""
-    return min(trials, key=rank_key, default=None)
 
 
 async def state_key(node: Trial, lineage: Sequence[Trial], target: Target) -> str | None:

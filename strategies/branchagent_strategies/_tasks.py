@@ -1,4 +1,4 @@
-"""What the feedback-driven strategies share: calling user code, binding tasks, feedback text.
+"""What the feedback-driven strategies share: binding tasks, feedback text.
 
 Reflexion and Cascaded call a *task* with more than the branch (the
 feedback of earlier failures, an attempt index). :func:`bind` turns such a
@@ -9,75 +9,30 @@ values in its environment instead.
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import anyio
-import anyio.to_thread
 import attrs
 
-from branchagent._branch import Branch
-from branchagent._strategy import Candidate, Command, Outcome, Result, Verdict, to_verdict
+from branchagent import Branch
+from branchagent.strategy import (
+    ATTEMPT_ENV,
+    FEEDBACK_ENV,
+    Candidate,
+    Command,
+    Outcome,
+    Result,
+    Verdict,
+    call,
+    from_outcome,
+    to_verdict,
+)
 
-__all__ = [
-    "ATTEMPT_ENV",
-    "FEEDBACK_ENV",
-    "bind",
-    "call",
-    "describe_failure",
-    "env_text",
-    "from_outcome",
-    "is_async_callable",
-]
-
-#: Environment variable carrying the feedback of earlier failures to a Command task.
-FEEDBACK_ENV = "BRANCHAGENT_FEEDBACK"
-
-#: Environment variable carrying the attempt index to a Command task (Cascaded).
-ATTEMPT_ENV = "BRANCHAGENT_ATTEMPT"
+__all__ = ["ATTEMPT_ENV", "FEEDBACK_ENV", "bind", "describe_failure", "env_text"]
 
 # Linux caps one environment string at 128 KiB (MAX_ARG_STRLEN); stay well below.
 _ENV_BYTES = 64 * 1024
 _TRUNCATED = "[... earlier feedback truncated ...]\n"
-
-
-def is_async_callable(fn: object) -> bool:
-    """Whether calling ``fn`` gives a coroutine (async def, a partial of one, async __call__)."""
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004 (an object with an async __call__)
-    )
-
-
-async def call(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)``: awaited when async, in a worker thread when sync.
-
-    A sync callable cannot be interrupted: when the caller is cancelled its
-    result is dropped and the thread finishes in the background. An awaitable
-    returned by a sync callable is awaited here, on the loop.
-    """
-    if is_async_callable(fn):
-        value = fn(*args)
-    else:
-        value = await anyio.to_thread.run_sync(
-            functools.partial(fn, *args), abandon_on_cancel=True
-        )
-    if inspect.isawaitable(value):
-        value = await value
-    return value
-
-
-def from_outcome(outcome: Outcome) -> Verdict:
-    """A nested strategy's outcome as a verdict: success is "it committed"."""
-    winner = outcome.winner
-    return Verdict(
-        outcome.committed,
-        winner.score if winner is not None else None,
-        {"outcome": outcome.to_dict()},
-    )
 
 
 def bind(task: Any, args: tuple[Any, ...], env: Mapping[str, str]) -> Candidate:

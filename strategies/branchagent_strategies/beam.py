@@ -2,37 +2,36 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from typing import Any
 
 import anyio
+import attrs
 import structlog
 
-from branchagent._branch import BranchState
-from branchagent._strategy import (
+from branchagent import BranchState
+from branchagent.strategy import (
     AfterHook,
     Arena,
     Candidate,
-    Executor,
     Outcome,
     Strategy,
     Target,
     Trial,
-    check_max_parallel,
-    check_timeout,
-    deadline_after,
     describe_error,
-    open_arena,
+    pick_best,
+    rank_key,
+    to_candidates,
 )
 
-from ._search import Expand, best_of, judge_with, propose, rank_key, viable
+from ._options import at_least, callable_as
+from ._search import Expand, judge_with, propose, viable
 
 __all__ = ["Beam"]
 
 log = structlog.get_logger("branchagent.strategy")
 
 
+@attrs.define(kw_only=True)
 class Beam(Strategy):
     """Beam search over nested branches: ``beam_width`` lineages, ``max_depth`` levels.
 
@@ -71,55 +70,23 @@ class Beam(Strategy):
 
     name = "beam"
 
-    def __init__(
-        self,
-        candidates: Sequence[Candidate],
-        *,
-        expand: Expand,
-        beam_width: int = 4,
-        max_depth: int = 3,
-        evaluate: Candidate | None = None,
-        max_parallel: int | None = None,
-        timeout: float | None = None,
-        executor: Executor | None = None,
-    ) -> None:
-        if not callable(expand):
-            raise TypeError(f"expand must be a callable (branch, depth) -> candidates, "
-                            f"not {type(expand).__name__}")
-        self.candidates: tuple[Candidate, ...] = tuple(candidates)
-        self.expand = expand
-        self.beam_width = _check_int("beam_width", beam_width, minimum=1)
-        self.max_depth = _check_int("max_depth", max_depth, minimum=0)
-        self.evaluate = evaluate
-        self.max_parallel = check_max_parallel(max_parallel)
-        self.timeout = check_timeout(timeout)
-        self.executor = executor
-
-    def __repr__(self) -> str:
-        return (f"Beam(<{len(self.candidates)} candidates>, beam_width={self.beam_width}, "
-                f"max_depth={self.max_depth}, max_parallel={self.max_parallel}, "
-                f"timeout={self.timeout})")
+    candidates: tuple[Candidate, ...] = attrs.field(converter=to_candidates, kw_only=False)
+    expand: Expand = attrs.field(validator=callable_as("a callable (branch, depth) -> candidates"))
+    beam_width: int = attrs.field(default=4, validator=at_least(1))
+    max_depth: int = attrs.field(default=3, validator=at_least(0))
+    evaluate: Candidate | None = None
 
     async def run(self, target: Target) -> Outcome:
-        deadline = deadline_after(self.timeout)
-        async with open_arena(target, strategy=self.name, executor=self.executor,
-                              max_parallel=self.max_parallel) as arena:
-            search = _BeamSearch(self, arena, deadline)
+        async with self.open_arena(target) as arena:
+            search = _BeamSearch(self, arena)
             await search.run()
             return arena.outcome(info=search.summary())
 
 
-def _check_int(what: str, value: object, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{what} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 class _BeamSearch:
-    def __init__(self, spec: Beam, arena: Arena, deadline: float | None) -> None:
+    def __init__(self, spec: Beam, arena: Arena) -> None:
         self.spec = spec
         self.arena = arena
-        self.deadline = deadline
         self.after: AfterHook = judge_with(arena, spec.evaluate)
         self.beams: list[Trial] = []
         self.ever: list[Trial] = []  # every node selected as a beam, in order
@@ -128,7 +95,7 @@ class _BeamSearch:
 
     async def run(self) -> None:
         arena = self.arena
-        born = await arena.run(self.spec.candidates, deadline=self.deadline, after=self.after)
+        born = await arena.run(self.spec.candidates, after=self.after)
         await self._select(born, list(range(len(born))))
         while True:
             if arena.timed_out:
@@ -153,13 +120,12 @@ class _BeamSearch:
                     candidates.append(candidate)
                     parents.append(beam)
                     positions.append(i)
-            born = await arena.run(candidates, parents=parents, deadline=self.deadline,
-                                   after=self.after)
+            born = await arena.run(candidates, parents=parents, after=self.after)
             if not await self._select(born, positions):
                 self.stopped = "exhausted"
                 break
             self.depth += 1
-        winner = best_of([t for t in self.ever if t.success and _open(t)])
+        winner = pick_best([t for t in self.ever if t.success and _open(t)])
         if winner is not None:
             await arena.commit(winner)
 
@@ -219,13 +185,10 @@ class _BeamSearch:
             else:
                 beam.info["proposed"] = len(proposals[i])
 
-        deadline = math.inf if self.deadline is None else self.deadline
-        with anyio.CancelScope(deadline=deadline) as scope:
+        with self.arena.deadline_scope():
             async with anyio.create_task_group() as tg:
                 for i, beam in enumerate(beams):
                     tg.start_soon(expand_one, i, beam)
-        if scope.cancelled_caught:
-            self.arena.timed_out = True
         return proposals
 
 

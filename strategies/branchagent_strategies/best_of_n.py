@@ -5,24 +5,27 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from branchagent._strategy import (
+import attrs
+
+from branchagent.strategy import (
     Candidate,
-    Executor,
     Outcome,
     Strategy,
     Target,
     Trial,
     Verdict,
-    check_max_parallel,
-    check_timeout,
-    deadline_after,
-    open_arena,
     pick_best,
+    to_candidates,
 )
 
 __all__ = ["BestOfN"]
 
 
+def _to_scores(scores: Sequence[float] | None) -> tuple[float, ...] | None:
+    return None if scores is None else tuple(float(s) for s in scores)
+
+
+@attrs.define(kw_only=True)
 class BestOfN(Strategy):
     """Run every candidate, score each, commit the best success.
 
@@ -43,39 +46,20 @@ class BestOfN(Strategy):
 
     name = "best_of_n"
 
-    def __init__(
-        self,
-        candidates: Sequence[Candidate],
-        *,
-        scores: Sequence[float] | None = None,
-        evaluate: Candidate | None = None,
-        commit: bool = True,
-        max_parallel: int | None = None,
-        timeout: float | None = None,
-        executor: Executor | None = None,
-    ) -> None:
-        self.candidates: tuple[Candidate, ...] = tuple(candidates)
-        if scores is not None:
-            scores = tuple(float(s) for s in scores)
-            if len(scores) != len(self.candidates):
-                raise ValueError(
-                    f"scores has {len(scores)} entries for {len(self.candidates)} candidates"
-                )
-        self.scores: tuple[float, ...] | None = scores
-        self.evaluate = evaluate
-        self.commit = commit
-        self.max_parallel = check_max_parallel(max_parallel)
-        self.timeout = check_timeout(timeout)
-        self.executor = executor
+    candidates: tuple[Candidate, ...] = attrs.field(converter=to_candidates, kw_only=False)
+    scores: tuple[float, ...] | None = attrs.field(default=None, converter=_to_scores)
+    evaluate: Candidate | None = None
+    commit: bool = True
 
-    def __repr__(self) -> str:
-        return (f"BestOfN(<{len(self.candidates)} candidates>, commit={self.commit},"
-                f" max_parallel={self.max_parallel}, timeout={self.timeout})")
+    @scores.validator
+    def _check_scores(self, _attr: object, scores: tuple[float, ...] | None) -> None:
+        if scores is not None and len(scores) != len(self.candidates):
+            raise ValueError(
+                f"scores has {len(scores)} entries for {len(self.candidates)} candidates"
+            )
 
     async def run(self, target: Target) -> Outcome:
-        deadline = deadline_after(self.timeout)
-        async with open_arena(target, strategy=self.name, executor=self.executor,
-                              max_parallel=self.max_parallel) as arena:
+        async with self.open_arena(target) as arena:
 
             async def after(trial: Trial) -> None:
                 assert trial.verdict is not None
@@ -96,7 +80,7 @@ class BestOfN(Strategy):
                 trial.info.update(info)
                 trial.verdict = Verdict(success, score, verdict.info)
 
-            trials = await arena.run(self.candidates, deadline=deadline, after=after)
+            trials = await arena.run(self.candidates, after=after)
             best = pick_best([t for t in trials if t.success])
             if best is not None and self.commit:
                 await arena.commit(best)

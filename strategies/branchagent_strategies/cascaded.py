@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeAlias
 
-from branchagent._branch import Branch
-from branchagent._strategy import (
+import attrs
+
+from branchagent import Branch
+from branchagent.strategy import (
+    ATTEMPT_ENV,
+    FEEDBACK_ENV,
     Command,
-    Executor,
     Outcome,
     Result,
     Strategy,
@@ -16,10 +19,9 @@ from branchagent._strategy import (
     VerdictLike,
     check_timeout,
     deadline_after,
-    open_arena,
 )
 
-from ._tasks import ATTEMPT_ENV, FEEDBACK_ENV, bind, describe_failure, env_text
+from ._tasks import bind, describe_failure, env_text
 
 __all__ = ["Cascaded", "CascadedTask"]
 
@@ -38,6 +40,7 @@ def _check_fan_out(fan_out: Sequence[int]) -> tuple[int, ...]:
     return widths
 
 
+@attrs.define(kw_only=True)
 class Cascaded(Strategy):
     """Escalate: one attempt, then a wider wave, then a wider one, until one succeeds.
 
@@ -68,33 +71,20 @@ class Cascaded(Strategy):
 
     name = "cascaded"
 
-    def __init__(
-        self,
-        task: CascadedTask,
-        *,
-        fan_out: Sequence[int] = (1, 2, 4),
-        wave_timeout: float | None = None,
-        timeout: float | None = None,
-        executor: Executor | None = None,
-    ) -> None:
+    task: CascadedTask = attrs.field(kw_only=False)
+    fan_out: tuple[int, ...] = attrs.field(default=(1, 2, 4), converter=_check_fan_out)
+    wave_timeout: float | None = attrs.field(default=None, converter=check_timeout)
+
+    @task.validator
+    def _check_task(self, _attr: object, task: object) -> None:
         if not (isinstance(task, Command) or callable(task)):
             raise TypeError(
                 f"task must be a callable taking (branch, attempt_index, feedback) or a Command, "
                 f"not {type(task).__name__}"
             )
-        self.task = task
-        self.fan_out = _check_fan_out(fan_out)
-        self.wave_timeout = check_timeout(wave_timeout)
-        self.timeout = check_timeout(timeout)
-        self.executor = executor
-
-    def __repr__(self) -> str:
-        return (f"Cascaded({self.task!r}, fan_out={self.fan_out},"
-                f" wave_timeout={self.wave_timeout}, timeout={self.timeout})")
 
     async def run(self, target: Target) -> Outcome:
-        deadline = deadline_after(self.timeout)
-        async with open_arena(target, strategy=self.name, executor=self.executor) as arena:
+        async with self.open_arena(target) as arena:
             failures: list[Result] = []
             attempt = 0
             waves = 0
@@ -108,10 +98,10 @@ class Cascaded(Strategy):
                 ]
                 attempt += width
                 wave_end = deadline_after(self.wave_timeout)
-                by_wave = wave_end is not None and (deadline is None or wave_end < deadline)
+                by_wave = wave_end is not None and (
+                    arena.deadline is None or wave_end < arena.deadline)
                 arena.stopped_by = None  # first-wins anew in every wave
-                trials = await arena.run(candidates, deadline=wave_end if by_wave else deadline,
-                                         stop=lambda t: t.success)
+                trials = await arena.run(candidates, deadline=wave_end, stop=lambda t: t.success)
                 if by_wave and arena.timed_out:  # the wave's bound, not the strategy's
                     arena.timed_out = False
                     for t in trials:

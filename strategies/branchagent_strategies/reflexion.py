@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
 
-import anyio
+import attrs
 import structlog
 
-from branchagent._branch import Branch, BranchState
-from branchagent._strategy import (
+from branchagent import Branch, BranchState
+from branchagent.exceptions import CandidateError
+from branchagent.strategy import (
+    FEEDBACK_ENV,
     Arena,
     Candidate,
     Command,
-    Executor,
     Outcome,
     Result,
     Strategy,
@@ -23,14 +23,11 @@ from branchagent._strategy import (
     Trial,
     Verdict,
     VerdictLike,
-    check_timeout,
-    deadline_after,
+    call,
     describe_error,
-    open_arena,
 )
-from branchagent.exceptions import CandidateError
 
-from ._tasks import FEEDBACK_ENV, bind, call, describe_failure, env_text
+from ._tasks import bind, describe_failure, env_text
 
 __all__ = ["Critique", "Reflexion", "ReflexionTask"]
 
@@ -46,6 +43,7 @@ Critique: TypeAlias = Callable[[Branch, Result], Awaitable[str] | str] | Command
 """``critique(branch, result)`` returning text (async or sync), or a Command whose output is it."""
 
 
+@attrs.define(kw_only=True)
 class Reflexion(Strategy):
     """Sequential attempts, each told why the previous one failed.
 
@@ -85,55 +83,48 @@ class Reflexion(Strategy):
 
     name = "reflexion"
 
-    def __init__(
-        self,
-        task: ReflexionTask,
-        *,
-        max_attempts: int,
-        critique: Critique | None = None,
-        timeout: float | None = None,
-        executor: Executor | None = None,
-    ) -> None:
+    task: ReflexionTask = attrs.field(kw_only=False)
+    max_attempts: int = attrs.field()
+    critique: Critique | None = attrs.field(default=None)
+
+    @task.validator
+    def _check_task(self, _attr: object, task: object) -> None:
         if not (isinstance(task, Command) or callable(task)):
             raise TypeError(
                 f"task must be a callable taking (branch, feedback) or a Command, not "
                 f"{type(task).__name__}"
             )
-        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
-            raise ValueError(f"max_attempts must be a positive int, got {max_attempts!r}")
+
+    @max_attempts.validator
+    def _check_max_attempts(self, _attr: object, n: object) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"max_attempts must be a positive int, got {n!r}")
+
+    @critique.validator
+    def _check_critique(self, _attr: object, critique: object) -> None:
         if critique is not None and not (isinstance(critique, Command) or callable(critique)):
             raise TypeError(
                 f"critique must be a callable taking (branch, result), a Command or None, not "
                 f"{type(critique).__name__}"
             )
-        self.task = task
-        self.max_attempts = max_attempts
-        self.critique = critique
-        self.timeout = check_timeout(timeout)
-        self.executor = executor
-
-    def __repr__(self) -> str:
-        return (f"Reflexion({self.task!r}, max_attempts={self.max_attempts},"
-                f" critique={self.critique!r}, timeout={self.timeout})")
 
     async def run(self, target: Target) -> Outcome:
-        deadline = deadline_after(self.timeout)
-        async with open_arena(target, strategy=self.name, executor=self.executor) as arena:
+        async with self.open_arena(target) as arena:
             feedback: str | None = None
             for attempt in range(self.max_attempts):
                 candidate = bind(self.task, (feedback,), {FEEDBACK_ENV: env_text(feedback)})
-                (trial,) = await arena.run([candidate], deadline=deadline)
+                (trial,) = await arena.run([candidate])
                 trial.info["received_feedback"] = feedback
                 if trial.success and await arena.commit(trial):
                     break
                 if arena.timed_out or attempt == self.max_attempts - 1:
                     break
-                feedback = await self._reflect(arena, trial, deadline)
+                feedback = await self._reflect(arena, trial)
                 if arena.timed_out:
                     break
             return arena.outcome()
 
-    async def _reflect(self, arena: Arena, trial: Trial, deadline: float | None) -> str:
+    async def _reflect(self, arena: Arena, trial: Trial) -> str:
         """The feedback of the failed ``trial``; its branch is aborted afterwards, on every path."""
         branch = trial.branch
         try:
@@ -149,7 +140,7 @@ class Reflexion(Strategy):
                 return fallback
             started = time.monotonic()
             record: dict[str, Any] = {"feedback": None, "error": None}
-            with anyio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
+            with arena.deadline_scope() as scope:
                 try:
                     verdict = await arena.executor.execute(self._critic(result, fallback), branch)
                 except Exception as exc:
@@ -158,7 +149,6 @@ class Reflexion(Strategy):
                     record.update(_critique_record(verdict))
             record["duration"] = time.monotonic() - started
             if scope.cancelled_caught:
-                arena.timed_out = True
                 record["error"] = "TimeoutError: the strategy's timeout expired during the critique"
             trial.info["critique"] = record
             log.info("critique_finished", strategy=self.name, index=trial.index,

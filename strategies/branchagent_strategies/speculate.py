@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import attrs
 
-from branchagent._strategy import (
-    Candidate,
-    Executor,
-    Outcome,
-    Strategy,
-    Target,
-    check_max_parallel,
-    check_timeout,
-    deadline_after,
-    open_arena,
-)
+from branchagent.strategy import Candidate, Outcome, Strategy, Target, to_candidates
 
 __all__ = ["Speculate"]
 
 
+@attrs.define(kw_only=True)
 class Speculate(Strategy):
     """First success wins.
 
@@ -34,28 +25,11 @@ class Speculate(Strategy):
 
     name = "speculate"
 
-    def __init__(
-        self,
-        candidates: Sequence[Candidate],
-        *,
-        max_parallel: int | None = None,
-        timeout: float | None = None,
-        executor: Executor | None = None,
-    ) -> None:
-        self.candidates: tuple[Candidate, ...] = tuple(candidates)
-        self.max_parallel = check_max_parallel(max_parallel)
-        self.timeout = check_timeout(timeout)
-        self.executor = executor
-
-    def __repr__(self) -> str:
-        return (f"Speculate(<{len(self.candidates)} candidates>, max_parallel={self.max_parallel},"
-                f" timeout={self.timeout})")
+    candidates: tuple[Candidate, ...] = attrs.field(converter=to_candidates, kw_only=False)
 
     async def run(self, target: Target) -> Outcome:
-        deadline = deadline_after(self.timeout)
-        async with open_arena(target, strategy=self.name, executor=self.executor,
-                              max_parallel=self.max_parallel) as arena:
-            await arena.run(self.candidates, deadline=deadline, stop=lambda t: t.success)
+        async with self.open_arena(target) as arena:
+            await arena.run(self.candidates, stop=lambda t: t.success)
             if arena.stopped_by is not None:
                 await arena.commit(arena.stopped_by)
             return arena.outcome()

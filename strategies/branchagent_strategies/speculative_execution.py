@@ -31,38 +31,32 @@ away, never undone by hand. :func:`llm_proposer` makes a proposer of a
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import math
-import re
-import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-import anyio
-import anyio.to_thread
 import attrs
 import structlog
 
-from branchagent._branch import Branch, BranchState
-from branchagent._strategy import (
+from branchagent import Branch
+from branchagent.strategy import (
     Arena,
     Candidate,
-    Executor,
-    LocalExecutor,
     Outcome,
     Result,
     Strategy,
     Target,
     Trial,
     Verdict,
-    check_timeout,
     deadline_after,
     describe_error,
     open_arena,
 )
-from branchagent.exceptions import BranchAgentError, CandidateError
+
+from ._options import at_least, callable_as
+from ._search import propose as call_proposer
 
 if TYPE_CHECKING:
     from branchagent.llm import Apply, Prompt, Source
@@ -76,9 +70,8 @@ Propose: TypeAlias = Callable[
 ]
 """``propose(branch, k)``, async or sync: up to ``k`` next actions, in order."""
 
-_CLEANUP_TIMEOUT = 60.0
 
-
+@attrs.define(kw_only=True)
 class SpeculativeExecution(Strategy):
     """Draft ``k`` actions per proposer call; commit the longest verified prefix; repeat.
 
@@ -137,64 +130,18 @@ class SpeculativeExecution(Strategy):
 
     name = "speculative_execution"
 
-    def __init__(
-        self,
-        propose: Propose,
-        *,
-        verify: Candidate | None = None,
-        goal: Candidate | None = None,
-        k: int = 4,
-        max_steps: int = 32,
-        max_proposals: int = 16,
-        timeout: float | None = None,
-        executor: Executor | None = None,
-    ) -> None:
-        if not callable(propose):
-            raise TypeError(f"propose must be a callable (branch, k) -> candidates, "
-                            f"not {type(propose).__name__}")
-        self.propose = propose
-        self.verify = verify
-        self.goal = goal
-        self.k: int = _check_int("k", k)
-        self.max_steps: int = _check_int("max_steps", max_steps)
-        self.max_proposals: int = _check_int("max_proposals", max_proposals)
-        self.timeout: float | None = check_timeout(timeout)
-        self.executor: Executor | None = executor
-
-    def __repr__(self) -> str:
-        return (f"SpeculativeExecution({self.propose!r}, k={self.k}, max_steps={self.max_steps},"
-                f" max_proposals={self.max_proposals}, timeout={self.timeout})")
+    propose: Propose = attrs.field(kw_only=False,
+                                   validator=callable_as("a callable (branch, k) -> candidates"))
+    verify: Candidate | None = None
+    goal: Candidate | None = None
+    k: int = attrs.field(default=4, validator=at_least(1))
+    max_steps: int = attrs.field(default=32, validator=at_least(1))
+    max_proposals: int = attrs.field(default=16, validator=at_least(1))
 
     async def run(self, target: Target) -> Outcome:
         run = _Run(self, target)
         await run.run()
         return run.outcome()
-
-
-def _check_int(what: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be an int >= 1, got {value!r}")
-    return value
-
-
-def _is_async(fn: object) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004 (an object with an async __call__)
-    )
-
-
-async def _call_propose(propose: Propose, branch: Branch, k: int) -> list[Candidate]:
-    if _is_async(propose):
-        value: object = propose(branch, k)
-    else:
-        value = await anyio.to_thread.run_sync(propose, branch, k, abandon_on_cancel=True)
-    if inspect.isawaitable(value):
-        value = await value
-    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
-        raise CandidateError(
-            f"propose returned {type(value).__name__}; expected an iterable of candidates"
-        )
-    return list(value)
 
 
 class _Run:
@@ -203,7 +150,6 @@ class _Run:
     def __init__(self, spec: SpeculativeExecution, target: Target) -> None:
         self.spec = spec
         self.target = target
-        self.executor: Executor = spec.executor if spec.executor is not None else LocalExecutor()
         self.deadline = deadline_after(spec.timeout)
         self.started = time.monotonic()
         self.results: list[Result] = []
@@ -218,8 +164,12 @@ class _Run:
         self.timed_out = False
         self.stopped = ""
         self.error: str | None = None
-        safe = re.sub(r"[^A-Za-z0-9-]+", "-", spec.name).strip("-")
-        self.prefix = f"{safe}-{secrets.token_hex(3)}"
+
+    def _open_arena(self) -> AbstractAsyncContextManager[Arena]:
+        """An arena on the target bounded by the run's deadline (one per round)."""
+        spec = self.spec
+        return open_arena(self.target, strategy=spec.name, executor=spec.executor,
+                          max_parallel=spec.max_parallel, deadline=self.deadline)
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -242,31 +192,30 @@ class _Run:
     async def _round(self) -> None:
         spec = self.spec
         self.calls += 1
-        try:
-            draft = await self._draft()
-        except Exception as exc:
-            self.error = describe_error(exc)
-            self.stopped = "propose_error"
-            log.info("propose_failed", strategy=spec.name, call=self.calls, error=self.error)
-            return
-        if draft is None:
-            self.timed_out = True
-            self.stopped = "timeout"
-            return
-        draft = draft[: min(spec.k, spec.max_steps - self.steps_run)]
-        if not draft:
-            self.stopped = "exhausted"
-            return
-        number = len(self.rounds)
-        summary: dict[str, Any] = {"drafted": len(draft), "accepted": 0, "rejected_at": None}
-        self.rounds.append(summary)
-        async with open_arena(self.target, strategy=spec.name, executor=spec.executor) as arena:
+        async with self._open_arena() as arena:
+            try:
+                draft = await self._draft(arena)
+            except Exception as exc:
+                self.error = describe_error(exc)
+                self.stopped = "propose_error"
+                log.info("propose_failed", strategy=spec.name, call=self.calls, error=self.error)
+                return
+            if draft is None:
+                self.timed_out = True
+                self.stopped = "timeout"
+                return
+            draft = draft[: min(spec.k, spec.max_steps - self.steps_run)]
+            if not draft:
+                self.stopped = "exhausted"
+                return
+            number = len(self.rounds)
+            summary: dict[str, Any] = {"drafted": len(draft), "accepted": 0, "rejected_at": None}
+            self.rounds.append(summary)
             chain: list[Trial] = []
             after = self._judge(arena)
             for i, action in enumerate(draft):
                 parents = [chain[-1] if chain else None]
-                (trial,) = await arena.run([action], parents=parents, deadline=self.deadline,
-                                           after=after)
+                (trial,) = await arena.run([action], parents=parents, after=after)
                 trial.info.update({"round": number, "step": i, "accepted": False})
                 self.steps_run += 1
                 if arena.timed_out:
@@ -336,51 +285,30 @@ class _Run:
 
     # -- drafting and the first goal check ----------------------------------------------------
 
-    async def _draft(self) -> list[Candidate] | None:
+    async def _draft(self, arena: Arena) -> list[Candidate] | None:
         """What the proposer drafts from the target's state (``None``: the timeout expired)."""
         draft: list[Candidate] | None = None
-        with anyio.CancelScope(
-            deadline=math.inf if self.deadline is None else self.deadline
-        ) as scope:
-            async with self._scratch(f"p{self.calls}") as scratch:
-                draft = await _call_propose(self.spec.propose, scratch, self.spec.k)
+        with arena.deadline_scope() as scope:
+            async with arena.open_scratch() as scratch:
+                draft = await call_proposer(self.spec.propose, scratch, self.spec.k,
+                                            what="propose")
         return None if scope.cancelled_caught else draft
 
     async def _initial_goal(self) -> bool:
         """Whether the goal holds on the target as it is (a failure or error: no)."""
         assert self.spec.goal is not None
-        with anyio.CancelScope(
-            deadline=math.inf if self.deadline is None else self.deadline
-        ) as scope:
-            try:
-                async with self._scratch("g") as scratch:
-                    verdict = await self.executor.execute(self.spec.goal, scratch)
-            except Exception as exc:
-                log.info("goal_failed", strategy=self.spec.name, error=describe_error(exc))
-                return False
+        async with self._open_arena() as arena:
+            with arena.deadline_scope() as scope:
+                try:
+                    async with arena.open_scratch() as scratch:
+                        verdict = await arena.executor.execute(self.spec.goal, scratch)
+                except Exception as exc:
+                    log.info("goal_failed", strategy=self.spec.name, error=describe_error(exc))
+                    return False
         if scope.cancelled_caught:
             self.timed_out = True
             return False
         return verdict.success
-
-    @contextlib.asynccontextmanager
-    async def _scratch(self, tag: str) -> AsyncIterator[Branch]:
-        """A throwaway fork of the target, aborted on exit on every path."""
-        name = f"{self.prefix}-{tag}"
-        branch: Branch | None = None
-        try:
-            branch = await self.target.fork(name)
-            yield branch
-        finally:
-            with anyio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
-                if branch is None:
-                    branch = _lookup(self.target, name)
-                if branch is not None and branch.state is BranchState.OPEN:
-                    try:
-                        await branch.abort()
-                    except Exception as exc:
-                        log.warning("branch_abort_failed", strategy=self.spec.name,
-                                    branch=name, error=describe_error(exc))
 
     # -- the outcome ------------------------------------------------------------------------------
 
@@ -398,18 +326,6 @@ class _Run:
             strategy=self.spec.name, duration=time.monotonic() - self.started,
             timed_out=self.timed_out, info=info,
         )
-
-
-def _lookup(target: Target, name: str) -> Branch | None:
-    ws = getattr(target, "workspace", target)
-    get = getattr(ws, "get", None)
-    if get is None:
-        return None
-    try:
-        branch = get(name)
-    except (LookupError, BranchAgentError):
-        return None
-    return branch if isinstance(branch, Branch) else None
 
 
 # -- a proposer from a model -------------------------------------------------------------------

@@ -2,33 +2,31 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
 
 import anyio
+import attrs
 import structlog
 
-from branchagent._branch import Branch
-from branchagent._strategy import (
+from branchagent import Branch
+from branchagent.exceptions import StrategyError
+from branchagent.strategy import (
     Arena,
     Candidate,
-    Executor,
     Outcome,
     Strategy,
     Target,
     Trial,
-    check_max_parallel,
+    call,
     check_timeout,
-    deadline_after,
     describe_error,
-    open_arena,
+    to_candidates,
 )
-from branchagent.exceptions import StrategyError
 
-from ._tasks import call
+from ._options import callable_as
 
 __all__ = ["Judge", "Tournament"]
 
@@ -40,6 +38,7 @@ Judge: TypeAlias = Callable[[Branch, Branch], Awaitable[int | Branch] | int | Br
 _UNDECIDED = "TimeoutError: the strategy's timeout expired during the match"
 
 
+@attrs.define(kw_only=True)
 class Tournament(Strategy):
     """Every candidate runs; the successes play a single-elimination bracket; the champion commits.
 
@@ -73,37 +72,13 @@ class Tournament(Strategy):
 
     name = "tournament"
 
-    def __init__(
-        self,
-        candidates: Sequence[Candidate],
-        *,
-        judge: Judge,
-        judge_timeout: float | None = None,
-        timeout: float | None = None,
-        max_parallel: int | None = None,
-        executor: Executor | None = None,
-    ) -> None:
-        if not callable(judge):
-            raise TypeError(
-                f"judge must be a callable taking two branches, not {type(judge).__name__}"
-            )
-        self.candidates: tuple[Candidate, ...] = tuple(candidates)
-        self.judge = judge
-        self.judge_timeout = check_timeout(judge_timeout)
-        self.timeout = check_timeout(timeout)
-        self.max_parallel = check_max_parallel(max_parallel)
-        self.executor = executor
-
-    def __repr__(self) -> str:
-        return (f"Tournament(<{len(self.candidates)} candidates>, judge={self.judge!r},"
-                f" judge_timeout={self.judge_timeout}, timeout={self.timeout},"
-                f" max_parallel={self.max_parallel})")
+    candidates: tuple[Candidate, ...] = attrs.field(converter=to_candidates, kw_only=False)
+    judge: Judge = attrs.field(validator=callable_as("a callable taking two branches"))
+    judge_timeout: float | None = attrs.field(default=None, converter=check_timeout)
 
     async def run(self, target: Target) -> Outcome:
-        deadline = deadline_after(self.timeout)
-        async with open_arena(target, strategy=self.name, executor=self.executor,
-                              max_parallel=self.max_parallel) as arena:
-            trials = await arena.run(self.candidates, deadline=deadline)
+        async with self.open_arena(target) as arena:
+            trials = await arena.run(self.candidates)
             standing = [t for t in trials if t.success]
             for t in trials:
                 if t.success:
@@ -117,7 +92,7 @@ class Tournament(Strategy):
                     decided = False
                     break
                 round_no += 1
-                standing, complete = await self._round(arena, round_no, standing, deadline)
+                standing, complete = await self._round(arena, round_no, standing)
                 if not complete:  # a match was cut by the strategy's timeout
                     decided = False
                     break
@@ -128,7 +103,7 @@ class Tournament(Strategy):
                                   "champion": champion.index if champion is not None else None})
 
     async def _round(
-        self, arena: Arena, round_no: int, standing: list[Trial], deadline: float | None
+        self, arena: Arena, round_no: int, standing: list[Trial]
     ) -> tuple[list[Trial], bool]:
         """Play one round: who goes on (a bye first, then the winners in order), and
         whether every match ended (``False``: the strategy's timeout cut one).
@@ -137,12 +112,10 @@ class Tournament(Strategy):
         bye = standing[-1] if len(standing) % 2 else None
         decided: dict[int, Trial | None] = {}
         slots = anyio.Semaphore(self.max_parallel or len(pairs))
-        with anyio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
+        with arena.deadline_scope():
             async with anyio.create_task_group() as tg:
                 for k, (a, b) in enumerate(pairs):
                     tg.start_soon(self._match, arena, round_no, k, a, b, decided, slots)
-        if scope.cancelled_caught:
-            arena.timed_out = True
         if bye is not None:
             bye.info["matches"].append(
                 {"round": round_no, "opponent": None, "won": True, "error": None,
@@ -169,9 +142,7 @@ class Tournament(Strategy):
             started = time.monotonic()
             winner: Trial | None = None
             error: str | None = None
-            with anyio.move_on_after(
-                math.inf if self.judge_timeout is None else self.judge_timeout
-            ) as bound:
+            with anyio.move_on_after(self.judge_timeout) as bound:
                 try:
                     winner = await self._judge(arena, a, b)
                 except Exception as exc:

@@ -5,29 +5,27 @@ from __future__ import annotations
 import math
 import numbers
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal, TypeAlias
 
-import anyio
+import attrs
 import structlog
 
-from branchagent._branch import BranchState
-from branchagent._strategy import (
+from branchagent import BranchState
+from branchagent.strategy import (
     Arena,
     Candidate,
-    Executor,
     Outcome,
     Strategy,
     Target,
     Trial,
-    check_max_parallel,
-    check_timeout,
-    deadline_after,
     describe_error,
-    open_arena,
+    pick_best,
+    to_candidates,
 )
 
-from ._search import Expand, best_of, judge_with, propose, state_key, viable
+from ._options import at_least, callable_as
+from ._search import Expand, judge_with, propose, state_key, viable
 
 __all__ = ["Policy", "TreeSearch"]
 
@@ -37,6 +35,14 @@ Policy: TypeAlias = Literal["best-first", "mcts"]
 _POLICIES = ("best-first", "mcts")
 
 
+def _check_exploration(exploration: float) -> float:
+    if (isinstance(exploration, bool) or not isinstance(exploration, numbers.Real)
+            or not math.isfinite(exploration) or exploration < 0):
+        raise ValueError(f"exploration must be a finite number >= 0, got {exploration!r}")
+    return float(exploration)
+
+
+@attrs.define(kw_only=True)
 class TreeSearch(Strategy):
     """Search a tree of nested branches; commit the best verified node's path.
 
@@ -86,70 +92,35 @@ class TreeSearch(Strategy):
 
     name = "tree_search"
 
-    def __init__(
-        self,
-        root_candidates: Sequence[Candidate],
-        *,
-        expand: Expand,
-        evaluate: Candidate | None = None,
-        policy: Policy = "best-first",
-        budget: int = 64,
-        max_depth: int = 8,
-        max_parallel: int | None = None,
-        exploration: float = 1.4,
-        stop_on_success: bool = False,
-        timeout: float | None = None,
-        executor: Executor | None = None,
-    ) -> None:
-        if not callable(expand):
-            raise TypeError(f"expand must be a callable (branch, depth) -> candidates, "
-                            f"not {type(expand).__name__}")
+    root_candidates: tuple[Candidate, ...] = attrs.field(converter=to_candidates,
+                                                         kw_only=False)
+    expand: Expand = attrs.field(validator=callable_as("a callable (branch, depth) -> candidates"))
+    evaluate: Candidate | None = None
+    policy: Policy = attrs.field(default="best-first")
+    budget: int = attrs.field(default=64, validator=at_least(1))
+    max_depth: int = attrs.field(default=8, validator=at_least(0))
+    exploration: float = attrs.field(default=1.4, converter=_check_exploration)
+    stop_on_success: bool = attrs.field(default=False, converter=bool)
+
+    @policy.validator
+    def _check_policy(self, _attr: object, policy: object) -> None:
         if policy not in _POLICIES:
             raise ValueError(f"policy must be one of {', '.join(_POLICIES)}; got {policy!r}")
-        self.root_candidates: tuple[Candidate, ...] = tuple(root_candidates)
-        self.expand = expand
-        self.evaluate = evaluate
-        self.policy: Policy = policy
-        self.budget: int = _check_int("budget", budget, minimum=1)
-        self.max_depth: int = _check_int("max_depth", max_depth, minimum=0)
-        self.max_parallel: int | None = check_max_parallel(max_parallel)
-        if (isinstance(exploration, bool) or not isinstance(exploration, numbers.Real)
-                or not math.isfinite(exploration) or exploration < 0):
-            raise ValueError(f"exploration must be a finite number >= 0, got {exploration!r}")
-        self.exploration: float = float(exploration)
-        self.stop_on_success: bool = bool(stop_on_success)
-        self.timeout: float | None = check_timeout(timeout)
-        self.executor: Executor | None = executor
-
-    def __repr__(self) -> str:
-        return (f"TreeSearch(<{len(self.root_candidates)} root candidates>, "
-                f"policy={self.policy!r}, budget={self.budget}, max_depth={self.max_depth}, "
-                f"max_parallel={self.max_parallel}, timeout={self.timeout})")
 
     async def run(self, target: Target) -> Outcome:
-        deadline = deadline_after(self.timeout)
-        async with open_arena(target, strategy=self.name, executor=self.executor,
-                              max_parallel=self.max_parallel) as arena:
-            search = _Search(self, arena, target, deadline)
+        async with self.open_arena(target) as arena:
+            search = _Search(self, arena, target)
             await search.run()
             return arena.outcome(info=search.summary())
-
-
-def _check_int(what: str, value: object, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{what} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 class _Search:
     """The state of one TreeSearch run: the tree (in the arena's trials) and its statistics."""
 
-    def __init__(self, spec: TreeSearch, arena: Arena, target: Target,
-                 deadline: float | None) -> None:
+    def __init__(self, spec: TreeSearch, arena: Arena, target: Target) -> None:
         self.spec = spec
         self.arena = arena
         self.target = target
-        self.deadline = deadline
         self.after = judge_with(arena, spec.evaluate)
         self.children: dict[int | None, list[Trial]] = defaultdict(list)  # None: the target
         self.expanded: set[int] = set()
@@ -187,7 +158,7 @@ class _Search:
             proposals = await self._expand(node)
             if proposals:
                 await self._grow(node, proposals)
-        winner = best_of([t for t in arena.trials if self._committable(t)])
+        winner = pick_best([t for t in arena.trials if self._committable(t)])
         if winner is not None:
             await arena.commit(winner)
 
@@ -213,7 +184,7 @@ class _Search:
         if parent is not None:
             parent.info["proposed"] = len(proposals)
         born = await arena.run(
-            take, parents=[parent] * len(take), deadline=self.deadline, after=self.after,
+            take, parents=[parent] * len(take), after=self.after,
             stop=(lambda t: t.success) if self.spec.stop_on_success else None,
         )
         self.children[parent.index if parent is not None else None].extend(born)
@@ -241,9 +212,7 @@ class _Search:
         self.expanded.add(node.index)
         proposals: list[Candidate] = []
         try:
-            with anyio.CancelScope(
-                deadline=math.inf if self.deadline is None else self.deadline
-            ) as scope:
+            with self.arena.deadline_scope() as scope:
                 async with self.arena.open_scratch(node) as scratch:
                     proposals = await propose(self.spec.expand, scratch, node.depth)
         except Exception as exc:
@@ -254,7 +223,6 @@ class _Search:
             await self.arena.abort(node)
             return []
         if scope.cancelled_caught:
-            self.arena.timed_out = True
             return []
         return proposals
 
@@ -270,7 +238,7 @@ class _Search:
                 and t.branch.state is BranchState.OPEN)
 
     def _select_best_first(self) -> Trial | None:
-        return best_of([t for t in self.arena.trials if self._expandable(t)])
+        return pick_best([t for t in self.arena.trials if self._expandable(t)])
 
     def _select_mcts(self) -> Trial | None:
         # A subtree is alive while it holds a node still to expand. Children come after

@@ -12,14 +12,14 @@ import attrs
 import structlog
 
 from .._branch import Branch
-from .._strategy import (
+from ..strategy import (
     Candidate,
     Outcome,
     Result,
     Strategy,
     Target,
     Verdict,
-    _is_async_callable,
+    is_async_callable,
     run_candidate,
 )
 from ._actions import Apply, apply_auto
@@ -33,7 +33,7 @@ log = structlog.get_logger("branchagent.llm")
 
 async def _apply(apply: Apply, branch: Branch, completion: Completion) -> object:
     """Call ``apply``: an async one here, a sync one in a worker thread (it may block)."""
-    if _is_async_callable(apply):
+    if is_async_callable(apply):
         value = apply(branch, completion)
     else:
         value = await anyio.to_thread.run_sync(apply, branch, completion)

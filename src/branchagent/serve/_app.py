@@ -23,7 +23,6 @@ from starlette.routing import Route
 
 from .._branch import Branch
 from .._limits import Limits
-from .._strategy import Command, run_candidate
 from .._workspace import Workspace, open_workspace
 from ..exceptions import ServeError
 from ..llm import (
@@ -38,6 +37,7 @@ from ..llm import (
     write_code_blocks,
 )
 from ..llm._solve import _apply
+from ..strategy import Command, run_candidate
 
 __all__ = ["APPLY_MODES", "EXTENSION", "ServeConfig", "ServeError", "create_app", "resolve_apply"]
 

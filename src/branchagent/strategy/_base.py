@@ -1,0 +1,104 @@
+"""The base class of every strategy: the common options, declared once."""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+from typing import TYPE_CHECKING, ClassVar
+
+import anyio
+import attrs
+
+if TYPE_CHECKING:
+    from ._arena import Arena
+    from ._candidates import Candidate, Target
+    from ._executor import Executor
+    from ._values import Outcome
+
+__all__ = ["Strategy", "check_max_parallel", "check_timeout", "deadline_after", "to_candidates"]
+
+
+def check_timeout(timeout: float | None) -> float | None:
+    """``timeout`` if it is a positive number of seconds or ``None``, else ``ValueError``."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    return float(timeout)
+
+
+def check_max_parallel(max_parallel: int | None) -> int | None:
+    """``max_parallel`` if it is a positive int or ``None``, else ``ValueError``."""
+    if max_parallel is None:
+        return None
+    if isinstance(max_parallel, bool) or not isinstance(max_parallel, int) or max_parallel < 1:
+        raise ValueError(f"max_parallel must be a positive int or None, got {max_parallel!r}")
+    return max_parallel
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    """The deadline ``timeout`` seconds from now on anyio's clock (``None``: no deadline)."""
+    return None if timeout is None else anyio.current_time() + timeout
+
+
+def to_candidates(candidates: Iterable[Candidate]) -> tuple[Candidate, ...]:
+    """A converter for a strategy's candidates field: any iterable, kept as a tuple."""
+    return tuple(candidates)
+
+
+def _options_repr(self: Strategy) -> str:
+    options = ", ".join(f"{a.name}={getattr(self, a.name, None)!r}"
+                        for a in attrs.fields(Strategy))
+    return f"{type(self).__name__}({options})"
+
+
+@attrs.define(kw_only=True, eq=False, repr=False)
+class Strategy(abc.ABC):
+    """Base class of every strategy, built-in or plugin.
+
+    ``await strategy.run(target)`` forks ``target`` (a workspace or a
+    branch), runs candidates, commits at most one winner into ``target`` and
+    leaves no branch of its own open on any path (success, failure, timeout,
+    cancellation, exceptions). A strategy instance is also a candidate.
+
+    Subclasses are attrs classes (``@attrs.define(kw_only=True)``) that
+    declare only their own fields; the options every strategy shares are
+    declared here, keyword-only and validated once:
+
+    - ``timeout``: seconds of wall time for the whole run (``None``: none);
+    - ``max_parallel``: how many candidates run at once (``None``: all);
+    - ``executor``: where candidates execute (``None``: in this process).
+
+    :meth:`open_arena` opens an :class:`~branchagent.strategy.Arena` on the
+    target that applies all three.
+    """
+
+    #: The name the strategy logs under (its entry-point name by convention).
+    name: ClassVar[str] = "strategy"
+
+    timeout: float | None = attrs.field(default=None, converter=check_timeout)
+    max_parallel: int | None = attrs.field(default=None, converter=check_max_parallel)
+    executor: Executor | None = None
+
+    __repr__ = _options_repr  # for subclasses that are not attrs classes
+
+    @abc.abstractmethod
+    async def run(self, target: Target) -> Outcome:
+        """Run on ``target`` and say what happened."""
+
+    @contextlib.asynccontextmanager
+    async def open_arena(self, target: Target) -> AsyncIterator[Arena]:
+        """An arena on ``target`` with this strategy's name, executor, parallelism and deadline.
+
+        The deadline is ``timeout`` seconds from now: every
+        :meth:`Arena.run <branchagent.strategy.Arena.run>` is bounded by it.
+        On exit, on every path, no branch of the arena is left open.
+        """
+        from ._arena import open_arena
+
+        async with open_arena(
+            target, strategy=self.name, executor=self.executor,
+            max_parallel=self.max_parallel, deadline=deadline_after(self.timeout),
+        ) as arena:
+            yield arena
