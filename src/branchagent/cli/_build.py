@@ -19,13 +19,14 @@ import attrs
 import branchagent as ba
 
 from ..exceptions import StrategyError, StrategyNotFound, UsageError
+from ..strategy import ATTEMPT_ENV
 from ._progress import Progress
 
-__all__ = ["ATTEMPT_ENV", "DEPTH_ENV", "STRATEGY_OF", "build_strategy", "label", "run_options"]
+__all__ = ["DEPTH_ENV", "STRATEGY_OF", "build_strategy", "label", "run_options"]
 
-#: Environment variables the CLI gives to the commands it runs (``reflexion``'s
-#: ``$BRANCHAGENT_FEEDBACK`` is set by the strategy itself).
-ATTEMPT_ENV = "BRANCHAGENT_ATTEMPT"
+#: The environment variable giving ``--expand`` and the commands it generates their depth.
+#: (``best-of-n``'s ``$BRANCHAGENT_ATTEMPT`` is the strategy kit's :data:`ATTEMPT_ENV`;
+#: ``reflexion``'s ``$BRANCHAGENT_FEEDBACK`` is set by the strategy itself.)
 DEPTH_ENV = "BRANCHAGENT_DEPTH"
 
 #: CLI command -> entry-point name of the strategy it drives.
