@@ -10,6 +10,7 @@ from ._limits import Limits
 from ._sandbox._run import RunResult
 from ._workspace import Workspace, WorkspaceBranch, open_workspace
 from .exceptions import (
+    ApplyError,
     BackendError,
     BackendNotFound,
     BackendUnavailable,
@@ -24,12 +25,16 @@ from .exceptions import (
     ConflictError,
     InvalidBranchName,
     IsolationUnavailable,
+    LLMError,
     PathEscapeError,
     ProcessKilled,
     RemoteError,
     SandboxError,
+    ServeError,
+    SourceError,
     StrategyError,
     StrategyNotFound,
+    UsageError,
     WorkspaceClosed,
     WorkspaceCorrupt,
     WorkspaceError,
@@ -68,6 +73,7 @@ from branchagent_strategies.tree_search import TreeSearch
 from . import llm as llm  # the vLLM glue; imports neither vllm nor openai
 
 __all__ = [
+    "ApplyError",
     "Backend",
     "BackendError",
     "BackendNotFound",
@@ -98,6 +104,7 @@ __all__ = [
     "InvalidBranchName",
     "Isolated",
     "IsolationUnavailable",
+    "LLMError",
     "Limits",
     "LocalExecutor",
     "Merge",
@@ -109,6 +116,8 @@ __all__ = [
     "Result",
     "RunResult",
     "SandboxError",
+    "ServeError",
+    "SourceError",
     "Speculate",
     "SpeculativeExecution",
     "Strategy",
@@ -117,6 +126,7 @@ __all__ = [
     "Tournament",
     "TreeSearch",
     "Usage",
+    "UsageError",
     "Verdict",
     "Workspace",
     "WorkspaceBranch",
