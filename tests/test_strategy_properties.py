@@ -3,8 +3,9 @@
 Hypothesis draws candidate behaviours (succeed, fail, raise, hang in Python,
 hang in a process, return garbage, succeed with a score) and, where the
 strategy has them, callback behaviours (a judge, a critique, wave widths),
-runs Speculate, BestOfN, Reflexion, Tournament and Cascaded on a fresh copy
-backend workspace, and checks after every run:
+runs Speculate, BestOfN, Reflexion, Tournament, Cascaded, Merge and
+MajorityVote (below: a strategy written with the public kit alone, in 30
+lines) on a fresh copy backend workspace, and checks after every run:
 
 - no branch is left open, no process the candidates started is alive;
 - the base changed exactly when ``outcome.committed``, and then it holds
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -36,6 +38,7 @@ from structlog.testing import capture_logs
 
 import branchagent as ba
 from _support import processes_with
+from branchagent.strategy import Candidate, Outcome, Strategy, Target, Trial, to_candidates
 
 pytestmark = pytest.mark.anyio
 
@@ -48,6 +51,37 @@ behaviours = st.sampled_from(
     ["succeed", "fail", "raise", "hang", "hang_process", "garbage", "score"])
 scores = st.sampled_from([-1.0, 0.0, 0.5, 2.0])
 plays = st.lists(st.tuples(behaviours, scores), min_size=1, max_size=5)
+
+
+# -- a strategy from the public kit alone ---------------------------------------------------
+
+
+@attrs.define(kw_only=True)
+class MajorityVote(Strategy):
+    """Run every candidate; commit the first success whose output most successes gave.
+
+    A candidate's output is what a Command printed, or ``Verdict.info["output"]``.
+    """
+
+    name = "majority_vote"
+
+    candidates: tuple[Candidate, ...] = attrs.field(converter=to_candidates, kw_only=False)
+
+    async def run(self, target: Target) -> Outcome:
+        async with self.open_arena(target) as arena:
+            ok = [t for t in await arena.run(self.candidates) if t.success]
+            votes: dict[str, list[Trial]] = {}
+            for t in ok:
+                votes.setdefault(_output(t), []).append(t)
+            if votes:
+                # Most votes; ties to the answer given first (dicts keep insertion order).
+                await arena.commit(max(votes.values(), key=len)[0])
+            return arena.outcome({"votes": {k: len(v) for k, v in votes.items()}})
+
+
+def _output(t: Trial) -> str:
+    info = t.verdict.info if t.verdict is not None else {}
+    return str(info.get("stdout_tail", info.get("output", "")))
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -160,7 +194,7 @@ def partition(n: int, cuts: Sequence[int]) -> tuple[int, ...]:
 
 
 @pytest.mark.parametrize("kind", ["speculate", "best_of_n", "reflexion", "tournament",
-                                  "cascaded"])
+                                  "cascaded", "merge", "majority_vote"])
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(play=plays, judge_moves=st.lists(
            st.sampled_from(["higher", "higher", "branch", "raise", "garbage", "hang"]),
@@ -184,6 +218,10 @@ async def test_strategies_keep_their_promises(
         strategy = ba.Speculate(candidates(play, token), timeout=TIMEOUT)
     elif kind == "best_of_n":
         strategy = ba.BestOfN(candidates(play, token), timeout=TIMEOUT)
+    elif kind == "majority_vote":
+        strategy = MajorityVote(candidates(play, token), timeout=TIMEOUT)
+    elif kind == "merge":  # every candidate writes out.txt: they all conflict
+        strategy = ba.Merge(candidates(play, token), timeout=TIMEOUT)
     elif kind == "tournament":
         strategy = ba.Tournament(candidates(play, token), judge=judge_of(judge_moves, token),
                                  judge_timeout=0.1, timeout=TIMEOUT)
@@ -240,8 +278,11 @@ async def test_strategies_keep_their_promises(
         winner = outcome.winner.index if outcome.winner is not None else None
         if kind == "speculate":
             assert outcome.committed == bool(succeeded)
-        elif kind == "best_of_n":
+        elif kind in ("best_of_n", "merge"):
             assert winner == best_index(play)
+            assert outcome.merged == ()
+        elif kind == "majority_vote":  # no outputs: one answer, first success wins
+            assert winner == (succeeded[0] if succeeded else None)
         elif kind == "reflexion" and critique_move != "hang":
             assert winner == (succeeded[0] if succeeded else None)
         elif kind == "cascaded" and wave_timeout is None:
@@ -254,3 +295,23 @@ async def test_strategies_keep_their_promises(
             assert winner == (succeeded[-1] if succeeded else None)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_majority_vote_commits_the_output_printed_most_often(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    root = tmp_path_factory.mktemp("vote")
+    repo = make_repo(root)
+
+    def says(i: int, answer: str) -> ba.Command:
+        return ba.Command(["sh", "-c", f"echo {i} > out.txt; echo {answer}"], isolate=False)
+
+    plays = [says(0, "4"), says(1, "5"), says(2, "5"), says(3, "4"), says(4, "5"),
+             ba.Command(["sh", "-c", "echo 5; exit 1"], isolate=False)]
+    async with ba.open_workspace(repo, backend="copy") as ws:
+        outcome = await MajorityVote(plays).run(ws)
+        assert ws.branches() == []
+    assert outcome.info["votes"] == {"4\n": 2, "5\n": 3}
+    assert outcome.winner is not None
+    assert outcome.winner.index == 1
+    assert (repo / "out.txt").read_text() == "1\n"
