@@ -13,34 +13,32 @@ from __future__ import annotations
 
 import sys
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
+import attrs
 
 import branchagent as ba
+from branchagent.strategy import Target, to_candidates
 
 
+@attrs.define(kw_only=True)
 class WideningBestOfN(ba.BestOfN):
-    """BestOfN that tries ``fallback`` candidates when the first round has no success."""
+    """BestOfN that tries ``fallback`` candidates when the first round has no success.
 
-    def __init__(
-        self,
-        candidates: Sequence[ba.Candidate],
-        *,
-        fallback: Sequence[ba.Candidate] = (),
-        **options: object,
-    ) -> None:
-        super().__init__(candidates, **options)  # type: ignore[arg-type]
-        self.fallback = tuple(fallback)
-        self.rounds: list[ba.Outcome] = []
+    Every option of BestOfN (``evaluate``, ``timeout``, ``max_parallel``,
+    ``executor``, ...) is inherited, and the fallback round keeps them.
+    """
 
-    async def run(self, target: ba.Workspace | ba.Branch) -> ba.Outcome:
+    fallback: tuple[ba.Candidate, ...] = attrs.field(default=(), converter=to_candidates)
+    rounds: list[ba.Outcome] = attrs.field(factory=list, init=False)
+
+    async def run(self, target: Target) -> ba.Outcome:
         outcome = await super().run(target)
         self.rounds.append(outcome)
         if outcome.committed or not self.fallback:
             return outcome
-        wider = ba.BestOfN(self.fallback, evaluate=self.evaluate)
+        wider = attrs.evolve(self, candidates=self.fallback, fallback=(), scores=None)
         outcome = await wider.run(target)
         self.rounds.append(outcome)
         return outcome
@@ -72,6 +70,7 @@ async def main() -> int:
                 fallback=[edit("calc.py", "def add(a, b):\n    return a + b\n\n"
                                           "def mul(a, b):\n    return a * b\n")],
                 evaluate=TESTS,
+                timeout=120,
             ),
         ]
         async with ba.open_workspace(repo, backend="copy") as ws:

@@ -2,60 +2,35 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+import attrs
 
-import anyio
-
-import branchagent as ba
+from branchagent.strategy import Candidate, Outcome, Strategy, Target, to_candidates
 
 __all__ = ["FirstSuccess"]
 
 
-class FirstSuccess(ba.Strategy):
+@attrs.define(kw_only=True)
+class FirstSuccess(Strategy):
     """Run the candidates one after another; commit the first that succeeds.
 
     Each candidate gets a fresh branch of the target; a failure is aborted
     before the next one starts, so at most one branch of this strategy is
     open at any time. Later candidates never run once one has succeeded.
+    ``timeout``, ``max_parallel`` and ``executor`` come from the base class:
+    ``timeout`` bounds the whole run.
     """
 
     name = "first_success"
 
-    def __init__(self, candidates: Sequence[ba.Candidate]) -> None:
-        self.candidates = tuple(candidates)
+    candidates: tuple[Candidate, ...] = attrs.field(converter=to_candidates, kw_only=False)
 
-    async def run(self, target: ba.Workspace | ba.Branch) -> ba.Outcome:
-        started = time.monotonic()
-        results: list[ba.Result] = []
-        winner: ba.Result | None = None
-        for index, candidate in enumerate(self.candidates):
-            branch = await target.fork()
-            t0 = time.monotonic()
-            try:
-                error: str | None = None
-                try:
-                    verdict = await ba.run_candidate(candidate, branch)
-                except Exception as exc:
-                    verdict, error = ba.Verdict(False), f"{type(exc).__name__}: {exc}"
-                changes = tuple(c.path for c in await branch.changes())
-                success = verdict.success and error is None
-                if success:
-                    with anyio.CancelScope(shield=True):
-                        await branch.commit()
-                result = ba.Result(
-                    index=index, success=success, score=verdict.score,
-                    duration=time.monotonic() - t0, error=error, branch=branch.name,
-                    changes=changes, info=verdict.info,
-                )
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await branch.abort()  # a no-op once committed
-            results.append(result)
-            if success:
-                winner = result
-                break
-        return ba.Outcome(
-            committed=winner is not None, winner=winner, results=tuple(results),
-            strategy=self.name, duration=time.monotonic() - started,
-        )
+    async def run(self, target: Target) -> Outcome:
+        async with self.open_arena(target) as arena:
+            for candidate in self.candidates:
+                (trial,) = await arena.run([candidate])
+                if trial.success and await arena.commit(trial):
+                    break
+                await arena.abort(trial)
+                if arena.timed_out:
+                    break
+            return arena.outcome()
