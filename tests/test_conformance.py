@@ -79,13 +79,13 @@ def test_read_and_write_tree_round_trip(tmp_path: Path) -> None:
 class DropsEmptyDirs(CopyBackend):
     """Commits lose the empty directories a branch created (a BranchFS defect)."""
 
-    def _commit_sync(self, name: str, parent: str | None) -> list[Change]:
-        tree, known = self.path(name), self._fork_manifest(name)
+    def _commit_sync(self, name: str) -> list[Change]:
+        tree, known, parent = self.path(name), self._fork_manifest(name), self._parent_of(name)
         new_empty = [Path(dirpath).relative_to(tree)
                      for dirpath, dirs, files in os.walk(tree)
                      if not dirs and not files and Path(dirpath) != tree
                      and Path(dirpath).relative_to(tree).as_posix() not in known]
-        changes = super()._commit_sync(name, parent)
+        changes = super()._commit_sync(name)
         for rel in new_empty:
             os.rmdir(self.path(parent) / rel)
         return changes
@@ -108,9 +108,10 @@ class HardLinksFiles(CopyBackend):
 class NoConflictDetection(CopyBackend):
     """The last commit wins: the branch's whole view overwrites the parent's changes."""
 
-    def _commit_sync(self, name: str, parent: str | None) -> list[Change]:
-        self._manifests[name] = self._scan(parent)  # as if forked just now: nothing to conflict
-        return super()._commit_sync(name, parent)
+    def _commit_sync(self, name: str) -> list[Change]:
+        # as if forked just now: nothing to conflict
+        self._manifests[name] = self._scan(self._parent_of(name))
+        return super()._commit_sync(name)
 
 
 class FollowsSymlinks(CopyBackend):
