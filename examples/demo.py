@@ -136,7 +136,7 @@ def median(values)
 '''),
 ]
 
-#: The index of the right patch in PATCHES (tests/test_demo.py checks the demo picks it).
+#: The index of the right patch in PATCHES (tests/api/test_demo.py checks the demo picks it).
 RIGHT = 3
 
 

@@ -20,7 +20,7 @@ It runs two kinds of checks and raises ``AssertionError`` on the first failure:
   step every open branch and the base with a plain dict model.
 
 Each check can be run on its own, so a test suite can give each its own test
-(``tests/test_conformance.py`` does). Needs hypothesis (``branchagent[test]``).
+(``tests/workspace/test_conformance.py`` does). Needs hypothesis (``branchagent[test]``).
 
 The model, written independently of the backends' own code:
 

@@ -1,6 +1,6 @@
 """The FUSE backend on real mounts: real tools, lifecycle, fork cost.
 
-The public conformance suite runs on it from tests/test_conformance.py, like
+The public conformance suite runs on it from tests/workspace/test_conformance.py, like
 on every registered backend. Skipped (with the reason) where FUSE cannot run:
 no pyfuse3, no /dev/fuse.
 """
@@ -54,7 +54,7 @@ GIT = "git -c user.email=t@example.com -c user.name=t -c init.defaultBranch=main
 
 
 def test_conformance_suite_covers_fuse() -> None:
-    """tests/test_conformance.py runs the public suite (the 200x50 model check and every
+    """tests/workspace/test_conformance.py runs the public suite (the 200x50 model check and every
     targeted check, unchanged) on every registered backend: make sure fuse is one."""
     assert "fuse" in ba.available_backends()
     assert ba.load_backend("fuse").isolates_outside_writes is False

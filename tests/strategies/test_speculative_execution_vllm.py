@@ -39,7 +39,7 @@ if importlib.util.find_spec("vllm") is None:
     pytest.skip(_WHY, allow_module_level=True)
 
 import anyio
-import hypothesis  # noqa: F401  (imported at collection: see tests/test_llm_vllm.py)
+import hypothesis  # noqa: F401  (imported at collection: see tests/llm/test_llm_vllm.py)
 
 import branchagent as ba
 import branchagent.llm as llm
@@ -49,7 +49,7 @@ for _key, _value in {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESS
                      "VLLM_HOST_IP": "127.0.0.1"}.items():
     os.environ.setdefault(_key, _value)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MAKE_MODEL = ROOT / "scripts" / "make_tiny_model.py"
 PROMPT = "def add(a, b):\n"
 K = 4

@@ -39,7 +39,7 @@ import attrs
 import pytest
 
 USER = "branchagent-test"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 _PYTHONPATH = os.environ.get("PYTHONPATH", "")  # passed on: the user imports what we import
 
 pytestmark = [

@@ -15,7 +15,7 @@ import pytest
 
 import branchagent as ba
 
-DEMO = Path(__file__).resolve().parent.parent / "examples" / "demo.py"
+DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.py"
 
 
 def load_demo() -> ModuleType:

@@ -42,12 +42,12 @@ if importlib.util.find_spec("vllm") is None:
     pytest.skip(_WHY, allow_module_level=True)
 
 import anyio
-import hypothesis  # noqa: F401  (imported at collection: see tests/test_llm_vllm.py)
+import hypothesis  # noqa: F401  (imported at collection: see tests/llm/test_llm_vllm.py)
 
 import branchagent.llm as llm
 from branchagent.llm import Completion
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MAKE_MODEL = ROOT / "scripts" / "make_tiny_model.py"
 MAX_MODEL_LEN = 256
 SERVED = "tiny"

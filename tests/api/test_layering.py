@@ -29,7 +29,7 @@ from pathlib import Path
 
 import attrs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PACKAGES = {
     "branchagent": REPO / "src" / "branchagent",
     "branchagent_strategies": REPO / "strategies" / "branchagent_strategies",

@@ -30,7 +30,7 @@ from branchagent import _doctor
 SCRIPT = Path(sys.executable).with_name("branchagent")
 CLI: list[str] = [os.fspath(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m",
                                                                 "branchagent.cli"]
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "doctor.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "doctor.md"
 KEYS = {"path", "fuse_ok", "isolation_ok", "mechanisms", "cgroups", "checks"}
 
 

@@ -71,7 +71,7 @@ VLLM_ENV = {
 for _key, _value in VLLM_ENV.items():
     os.environ.setdefault(_key, _value)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MAKE_MODEL = ROOT / "scripts" / "make_tiny_model.py"
 EXAMPLE = ROOT / "examples" / "vllm_best_of_n.py"
 MAX_MODEL_LEN = 256

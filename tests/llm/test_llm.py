@@ -3,7 +3,7 @@
 Runs in the normal venv on asyncio and trio, on the copy backend. The parts
 that build real ``openai`` client objects skip where ``openai`` is not
 installed (``pip install openai``); the rest needs no model library at all.
-The same pipeline against a real vLLM is tests/test_llm_vllm.py.
+The same pipeline against a real vLLM is tests/llm/test_llm_vllm.py.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import branchagent as ba
 import branchagent.llm as llm
 from branchagent.llm import ApplyError, Completion
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "vllm_best_of_n.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "vllm_best_of_n.py"
 HAVE_OPENAI = importlib.util.find_spec("openai") is not None
 needs_openai = pytest.mark.skipif(
     not HAVE_OPENAI, reason="needs the openai package: pip install openai"

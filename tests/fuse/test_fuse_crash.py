@@ -146,8 +146,9 @@ async def _agent(repo: Path, state: Path, on_error: str) -> int:
     return COMMITTED
 
 
-_RUN_AGENT = ("import sys; sys.path.insert(0, sys.argv[1]); import test_fuse_crash; "
-              "test_fuse_crash.agent(sys.argv[2:])")
+#: The agent imports this module (sys.argv[1] is its folder) and the helpers one level up.
+_RUN_AGENT = ("import os, sys; sys.path[:0] = [sys.argv[1], os.path.dirname(sys.argv[1])]; "
+              "import test_fuse_crash; test_fuse_crash.agent(sys.argv[2:])")
 
 
 class Case:

@@ -23,7 +23,7 @@ import pytest
 
 import branchagent as ba
 
-PLUGIN = Path(__file__).resolve().parent.parent / "examples" / "plugin"
+PLUGIN = Path(__file__).resolve().parents[2] / "examples" / "plugin"
 PLUGIN_MODULE = "ba_example_plugin"
 
 
