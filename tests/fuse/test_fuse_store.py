@@ -13,7 +13,8 @@ import os
 import random
 from pathlib import Path
 
-from branchagent._backends.fuse._store import MAX_GEN_CHAIN, Store
+from branchagent._backends.fuse._gens import MAX_GEN_CHAIN
+from branchagent._backends.fuse._store import Store
 
 
 def _store(tmp_path: Path) -> Store:

@@ -23,6 +23,7 @@ from starlette.routing import Route
 
 from .._branch import Branch
 from .._limits import Limits
+from .._rwlock import RWLock
 from .._workspace import Workspace, open_workspace
 from ..exceptions import ServeError
 from ..llm import (
@@ -123,47 +124,6 @@ class ServeConfig:
         get_scorer(self.score)
 
 
-class _RWLock:
-    """Shared for requests that only try candidates, exclusive for one that commits.
-
-    A commit into the base invalidates every other top-level branch, so a
-    committing request waits until no other request has branches open, and
-    new requests wait behind it (writers first: commits are not starved).
-    """
-
-    def __init__(self) -> None:
-        self._cond = anyio.Condition()
-        self._readers = 0
-        self._writer = False
-        self._waiting_writers = 0
-
-    @asynccontextmanager
-    async def hold(self, exclusive: bool) -> AsyncIterator[None]:
-        async with self._cond:
-            if exclusive:
-                self._waiting_writers += 1
-                try:
-                    while self._writer or self._readers:
-                        await self._cond.wait()
-                finally:
-                    self._waiting_writers -= 1
-                self._writer = True
-            else:
-                while self._writer or self._waiting_writers:
-                    await self._cond.wait()
-                self._readers += 1
-        try:
-            yield
-        finally:
-            with anyio.CancelScope(shield=True):
-                async with self._cond:
-                    if exclusive:
-                        self._writer = False
-                    else:
-                        self._readers -= 1
-                    self._cond.notify_all()
-
-
 @attrs.define
 class _Trial:
     completion: Completion
@@ -201,7 +161,10 @@ class _Server:
             self.verifier = Command(["sh", "-c", config.verify], isolate=config.isolate,
                                     limits=Limits(timeout=config.verify_timeout))
         self.semaphore = anyio.Semaphore(config.max_concurrent)
-        self.lock = _RWLock()
+        # Shared for requests that only try candidates, exclusive for one that commits:
+        # a commit into the base invalidates every other top-level branch, so it waits
+        # until no other request has branches open, and new requests wait behind it.
+        self.lock = RWLock(writers_first=True)
         self.ws: Workspace | None = None
         self.client: httpx.AsyncClient | None = None
         self.log = structlog.get_logger("branchagent.serve")

@@ -174,7 +174,7 @@ class FuseBackend:
 
     name = "fuse"
     #: Top-level branches show the live base: writes made into it from outside show
-    #: through (DESIGN.md allows it); they are still parent changes at commit.
+    #: through (docs/design.md, "Outside writes"); they are still parent changes at commit.
     isolates_outside_writes = False
     #: The filesystem process records every branch (``saved_branches``) before it answers
     #: a fork, so the workspace need not rewrite ``branches.json`` at each one.
@@ -356,8 +356,8 @@ class FuseBackend:
     # -- requests ---------------------------------------------------------------------------------
 
     async def _receive(self) -> dict[str, Any]:
-        # The raw socket and wait_readable, not a SocketStream: a request's round trip is
-        # most of a fork's cost, and this path is 50-60 us shorter per request here.
+        # The raw socket and wait_readable: a request's round trip is most of a fork's
+        # cost, and a SocketStream adds about 50-60 us to each.
         sock = self._stream
         assert sock is not None
         while b"\n" not in self._buf:

@@ -14,11 +14,11 @@ Layout under ``<state>/fuse``::
 Snapshots. A nested branch forked from P sees P's layers as they were at the
 fork (frozen; P writes into a new top layer), so P at the fork is the view of
 the branch's bottom ``nsnap`` layers. A top-level branch layers over the live
-base (DESIGN.md allows it): its snapshot is the base manifest of the generation
+base (docs/design.md, "Outside writes"): its snapshot is the base manifest of the generation
 current at the fork. Every open top-level branch was forked after the last
 commit into the base (that commit invalidated the others), so that manifest is
 the base at the fork, up to writes made into the base from outside, which are
-then seen as parent changes, as DESIGN.md says.
+then seen as parent changes (docs/design.md, "Outside writes").
 
 Commits. Conflicts and the paths to write come from :mod:`.._manifest`
 (:func:`.._merge.plan_merge`) over manifests of the views. A commit into
@@ -298,7 +298,8 @@ class Store(BaseGenerations, NestedMerge):
 
     def _own_changes(self, b: BranchRec, ours: ViewScan, snapshot: Manifest) -> list[Change]:
         """The branch's changes; for a top-level branch, without deletions that outside
-        writes into the base made since the fork (DESIGN.md: those are parent changes)."""
+        writes into the base made since the fork (those are parent changes: docs/design.md,
+        "Outside writes")."""
         changes = to_changes(snapshot, ours.manifest)
         if b.parent is not None:
             return changes
