@@ -170,7 +170,7 @@ timeout --foreground -k 10 "$vm_timeout" qemu-system-x86_64 \
     -nodefaults -no-user-config -no-reboot -display none -monitor none -serial stdio \
     -kernel "$vmlinuz" -initrd "$initrd" -append "$append" \
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
-    </dev/null 2>&1 | tr -d '\r' | tee "$job/console.log"
+    </dev/null 2>&1 | sed -u 's/\r//g' | tee "$job/console.log"
 qrc=${PIPESTATUS[0]}
 set -e
 elapsed=$(awk -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
