@@ -31,7 +31,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")
 init_script=$here/pure_v2_vm_init.sh
-cache=${BAVM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/branchagent-vm}
+cache=${BAVM_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/branchagent-vm}
 mem=${BAVM_MEM:-3G}
 smp=${BAVM_SMP:-2}
 vm_timeout=${BAVM_TIMEOUT:-600}
