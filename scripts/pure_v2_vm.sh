@@ -31,7 +31,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")
 init_script=$here/pure_v2_vm_init.sh
-cache=${BAVM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/branchagent-vm}
+cache=${BAVM_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/branchagent-vm}
 mem=${BAVM_MEM:-3G}
 smp=${BAVM_SMP:-2}
 vm_timeout=${BAVM_TIMEOUT:-600}
@@ -170,7 +170,7 @@ timeout --foreground -k 10 "$vm_timeout" qemu-system-x86_64 \
     -nodefaults -no-user-config -no-reboot -display none -monitor none -serial stdio \
     -kernel "$vmlinuz" -initrd "$initrd" -append "$append" \
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
-    </dev/null 2>&1 | tr -d '\r' | tee "$job/console.log"
+    </dev/null 2>&1 | sed -u 's/\r//g' | tee "$job/console.log"
 qrc=${PIPESTATUS[0]}
 set -e
 elapsed=$(awk -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
