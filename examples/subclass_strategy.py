@@ -22,7 +22,7 @@ import branchagent as ba
 from branchagent.strategy import Target, to_candidates
 
 
-@attrs.define(kw_only=True)
+@attrs.define(kw_only=True, eq=False)
 class WideningBestOfN(ba.BestOfN):
     """BestOfN that tries ``fallback`` candidates when the first round has no success.
 

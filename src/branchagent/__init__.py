@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib as _importlib
+import typing as _typing
+
+from . import llm as llm  # the vLLM glue; imports neither vllm nor openai
 from ._backends import available_backends, load_backend
 from ._branch import Backend, Branch, BranchState, Change, ChangeKind, EntryType, Usage
 from ._doctor import DoctorCheck, DoctorReport, doctor
@@ -57,20 +61,51 @@ from .strategy import (
 
 __version__ = "0.1.0"
 
-# Last: the built-in strategies are built on branchagent.strategy. They are imported
-# module by module (not from the package), so that importing one of them first
-# (branchagent_strategies imports branchagent before its modules) is no cycle.
-from branchagent_strategies.beam import Beam
-from branchagent_strategies.best_of_n import BestOfN
-from branchagent_strategies.cascaded import Cascaded
-from branchagent_strategies.merge import Merge
-from branchagent_strategies.reflexion import Reflexion
-from branchagent_strategies.speculate import Speculate
-from branchagent_strategies.speculative_execution import SpeculativeExecution
-from branchagent_strategies.tournament import Tournament
-from branchagent_strategies.tree_search import TreeSearch
+# The built-in strategies are built on branchagent.strategy, a submodule of this package,
+# so importing one of them runs this file first: they are imported here only when one of
+# their names is first asked for (``ba.BestOfN``, ``from branchagent import Beam``), by
+# __getattr__ below, and never while this file runs. Type checkers see them here.
+if _typing.TYPE_CHECKING:
+    from branchagent_strategies.beam import Beam
+    from branchagent_strategies.best_of_n import BestOfN
+    from branchagent_strategies.cascaded import Cascaded
+    from branchagent_strategies.merge import Merge
+    from branchagent_strategies.reflexion import Reflexion
+    from branchagent_strategies.speculate import Speculate
+    from branchagent_strategies.speculative_execution import SpeculativeExecution
+    from branchagent_strategies.tournament import Tournament
+    from branchagent_strategies.tree_search import TreeSearch
 
-from . import llm as llm  # the vLLM glue; imports neither vllm nor openai
+#: Each built-in strategy's name here -> its module in branchagent_strategies.
+_BUILT_INS = {
+    "Beam": "beam",
+    "BestOfN": "best_of_n",
+    "Cascaded": "cascaded",
+    "Merge": "merge",
+    "Reflexion": "reflexion",
+    "Speculate": "speculate",
+    "SpeculativeExecution": "speculative_execution",
+    "Tournament": "tournament",
+    "TreeSearch": "tree_search",
+}
+
+
+# Hidden from type checkers, which see the imports above: with a module __getattr__ they
+# would take any misspelt name of this module (``ba.BestofN``) for Any.
+if not _typing.TYPE_CHECKING:
+
+    def __getattr__(name: str) -> _typing.Any:
+        """The built-in strategies, imported on first use (then kept in this module's dict)."""
+        module = _BUILT_INS.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(_importlib.import_module(f"branchagent_strategies.{module}"), name)
+        globals()[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *_BUILT_INS})
+
 
 __all__ = [
     "ApplyError",

@@ -11,9 +11,8 @@ from typing import TypeAlias
 
 import anyio.to_thread
 
-from branchagent import Branch
 from branchagent.exceptions import CandidateError
-from branchagent.strategy import AfterHook, Arena, Candidate, Target, Trial, Verdict, call
+from branchagent.strategy import AfterHook, Arena, Branch, Candidate, Target, Trial, Verdict, call
 
 __all__ = ["Expand", "judge_with", "propose", "state_key", "viable"]
 

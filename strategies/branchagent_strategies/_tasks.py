@@ -14,10 +14,10 @@ from typing import Any
 
 import attrs
 
-from branchagent import Branch
 from branchagent.strategy import (
     ATTEMPT_ENV,
     FEEDBACK_ENV,
+    Branch,
     Candidate,
     Command,
     Outcome,

@@ -8,10 +8,10 @@ import anyio
 import attrs
 import structlog
 
-from branchagent import BranchState
 from branchagent.strategy import (
     AfterHook,
     Arena,
+    BranchState,
     Candidate,
     Outcome,
     Strategy,
@@ -31,7 +31,7 @@ __all__ = ["Beam"]
 log = structlog.get_logger("branchagent.strategy")
 
 
-@attrs.define(kw_only=True)
+@attrs.define(kw_only=True, eq=False)
 class Beam(Strategy):
     """Beam search over nested branches: ``beam_width`` lineages, ``max_depth`` levels.
 

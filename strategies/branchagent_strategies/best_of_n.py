@@ -25,7 +25,7 @@ def _to_scores(scores: Sequence[float] | None) -> tuple[float, ...] | None:
     return None if scores is None else tuple(float(s) for s in scores)
 
 
-@attrs.define(kw_only=True)
+@attrs.define(kw_only=True, eq=False)
 class BestOfN(Strategy):
     """Run every candidate, score each, commit the best success.
 

@@ -7,10 +7,10 @@ from typing import TypeAlias
 
 import attrs
 
-from branchagent import Branch
 from branchagent.strategy import (
     ATTEMPT_ENV,
     FEEDBACK_ENV,
+    Branch,
     Command,
     Outcome,
     Result,
@@ -40,7 +40,7 @@ def _check_fan_out(fan_out: Sequence[int]) -> tuple[int, ...]:
     return widths
 
 
-@attrs.define(kw_only=True)
+@attrs.define(kw_only=True, eq=False)
 class Cascaded(Strategy):
     """Escalate: one attempt, then a wider wave, then a wider one, until one succeeds.
 

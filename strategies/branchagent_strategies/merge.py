@@ -12,8 +12,8 @@ from typing import Any
 import anyio.to_thread
 import attrs
 
-from branchagent import Branch
 from branchagent.strategy import (
+    Branch,
     Candidate,
     LocalExecutor,
     Outcome,
@@ -28,7 +28,7 @@ from branchagent.strategy import (
 __all__ = ["Merge"]
 
 
-@attrs.define(kw_only=True)
+@attrs.define(kw_only=True, eq=False)
 class Merge(Strategy):
     """Synthesis: commit the union of the successful candidates' non-conflicting changes.
 

@@ -9,11 +9,12 @@ from typing import Any, TypeAlias
 import attrs
 import structlog
 
-from branchagent import Branch, BranchState
 from branchagent.exceptions import CandidateError
 from branchagent.strategy import (
     FEEDBACK_ENV,
     Arena,
+    Branch,
+    BranchState,
     Candidate,
     Command,
     Outcome,
@@ -43,7 +44,7 @@ Critique: TypeAlias = Callable[[Branch, Result], Awaitable[str] | str] | Command
 """``critique(branch, result)`` returning text (async or sync), or a Command whose output is it."""
 
 
-@attrs.define(kw_only=True)
+@attrs.define(kw_only=True, eq=False)
 class Reflexion(Strategy):
     """Sequential attempts, each told why the previous one failed.
 

@@ -9,7 +9,7 @@ from branchagent.strategy import Candidate, Outcome, Strategy, Target, to_candid
 __all__ = ["Speculate"]
 
 
-@attrs.define(kw_only=True)
+@attrs.define(kw_only=True, eq=False)
 class Speculate(Strategy):
     """First success wins.
 

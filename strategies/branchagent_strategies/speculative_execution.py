@@ -40,9 +40,9 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import attrs
 import structlog
 
-from branchagent import Branch
 from branchagent.strategy import (
     Arena,
+    Branch,
     Candidate,
     Outcome,
     Result,
@@ -71,7 +71,7 @@ Propose: TypeAlias = Callable[
 """``propose(branch, k)``, async or sync: up to ``k`` next actions, in order."""
 
 
-@attrs.define(kw_only=True)
+@attrs.define(kw_only=True, eq=False)
 class SpeculativeExecution(Strategy):
     """Draft ``k`` actions per proposer call; commit the longest verified prefix; repeat.
 

@@ -11,10 +11,10 @@ import anyio
 import attrs
 import structlog
 
-from branchagent import Branch
 from branchagent.exceptions import StrategyError
 from branchagent.strategy import (
     Arena,
+    Branch,
     Candidate,
     Outcome,
     Strategy,
@@ -38,7 +38,7 @@ Judge: TypeAlias = Callable[[Branch, Branch], Awaitable[int | Branch] | int | Br
 _UNDECIDED = "TimeoutError: the strategy's timeout expired during the match"
 
 
-@attrs.define(kw_only=True)
+@attrs.define(kw_only=True, eq=False)
 class Tournament(Strategy):
     """Every candidate runs; the successes play a single-elimination bracket; the champion commits.
 

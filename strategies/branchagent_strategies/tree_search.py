@@ -11,9 +11,9 @@ from typing import Any, Literal, TypeAlias
 import attrs
 import structlog
 
-from branchagent import BranchState
 from branchagent.strategy import (
     Arena,
+    BranchState,
     Candidate,
     Outcome,
     Strategy,
@@ -42,7 +42,7 @@ def _check_exploration(exploration: float) -> float:
     return float(exploration)
 
 
-@attrs.define(kw_only=True)
+@attrs.define(kw_only=True, eq=False)
 class TreeSearch(Strategy):
     """Search a tree of nested branches; commit the best verified node's path.
 

@@ -76,54 +76,16 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 # (test_allow_lists_are_not_stale): when one is fixed, delete it here, so these lists only
 # ever shrink. Do not add to them.
 
-#: (importer, imported): a lower layer importing an upper one.
-KNOWN_UPWARD: set[tuple[str, str]] = {
-    # llm.solve builds BestOfN or Speculate (a function-local import).
-    ("branchagent.llm._solve", "branchagent_strategies"),
-    # The built-ins take Branch / BranchState from the facade, which imports them back
-    # (re-exports like ba.BestOfN). branchagent_strategies/__init__ imports branchagent
-    # first so that the cycle resolves in either order. The fix: those names from
-    # branchagent.strategy (what a plugin imports too), and no `import branchagent`.
-    ("branchagent_strategies", ROOT),
-    ("branchagent_strategies._search", ROOT),
-    ("branchagent_strategies._tasks", ROOT),
-    ("branchagent_strategies.beam", ROOT),
-    ("branchagent_strategies.cascaded", ROOT),
-    ("branchagent_strategies.merge", ROOT),
-    ("branchagent_strategies.reflexion", ROOT),
-    ("branchagent_strategies.speculative_execution", ROOT),
-    ("branchagent_strategies.tournament", ROOT),
-    ("branchagent_strategies.tree_search", ROOT),
-}
+#: (importer, imported): a lower layer importing an upper one. Empty: the built-ins import
+#: Branch / BranchState from branchagent.strategy (not the facade), llm.solve finds
+#: BestOfN / Speculate through the registry (get_strategy), and the facade imports the
+#: built-ins lazily (its __getattr__), so neither package's import needs the other's.
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 #: Import cycles (strongly connected components of the module graph), by their modules.
-KNOWN_CYCLES: list[frozenset[str]] = [
-    # The facade <-> built-ins cycle above, with llm.solve -> branchagent_strategies ->
-    # speculative_execution -> branchagent.llm inside it.
-    frozenset({
-        ROOT,
-        "branchagent.llm",
-        "branchagent.llm._solve",
-        "branchagent_strategies",
-        "branchagent_strategies._search",
-        "branchagent_strategies._tasks",
-        "branchagent_strategies.beam",
-        "branchagent_strategies.cascaded",
-        "branchagent_strategies.merge",
-        "branchagent_strategies.reflexion",
-        "branchagent_strategies.speculative_execution",
-        "branchagent_strategies.tournament",
-        "branchagent_strategies.tree_search",
-    }),
-    # The strategy kit's private modules: the base class opens an arena (a function-local
-    # import); the arena uses the executor and the candidate adapters (and check_max_parallel
-    # from _base); the executor runs candidates; a candidate may be a Strategy (_base).
-    frozenset({
-        "branchagent.strategy._arena",
-        "branchagent.strategy._base",
-        "branchagent.strategy._candidates",
-        "branchagent.strategy._executor",
-    }),
-]
+#: Empty: the kit's private modules form a DAG (_root, holding the option checks and the
+#: AbstractStrategy that _candidates recognises, is below _values, _candidates, _executor,
+#: _arena, _base and _registry).
+KNOWN_CYCLES: list[frozenset[str]] = []
 
 
 @attrs.frozen

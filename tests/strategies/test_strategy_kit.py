@@ -22,6 +22,63 @@ def test_the_speculative_execution_module_imports_first_in_a_fresh_interpreter()
     assert r.stdout.strip() == "ok"
 
 
+_BUILT_INS = Path(__file__).resolve().parents[2] / "strategies" / "branchagent_strategies"
+_FIRST_IMPORTS = [
+    *sorted(f"branchagent_strategies.{p.stem}".removesuffix(".__init__")
+            for p in _BUILT_INS.glob("*.py")),
+    "branchagent.llm",
+    "branchagent.strategy",
+]
+
+
+@pytest.mark.parametrize("module", _FIRST_IMPORTS)
+def test_every_built_in_and_kit_module_imports_first_in_a_fresh_interpreter(module: str) -> None:
+    """Importing a submodule runs its packages' ``__init__`` first, which the layering test
+    does not count: here any order of first import works, ``branchagent``'s names after it."""
+    code = (f"import importlib; importlib.import_module({module!r}); import branchagent as ba; "
+            "assert ba.BestOfN is ba.get_strategy('best_of_n'); print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
+
+
+def _one_of_each() -> list[kit.Strategy]:
+    def ok(b: ba.Branch) -> bool:
+        return True
+
+    return [
+        ba.Beam([ok], expand=lambda b, d: []),
+        ba.BestOfN([ok]),
+        ba.Cascaded(lambda b, i, f: True),
+        ba.Merge([ok]),
+        ba.Reflexion(lambda b, f: True, max_attempts=1),
+        ba.Speculate([ok]),
+        ba.SpeculativeExecution(lambda b, s: [], k=1, max_steps=1),
+        ba.Tournament([ok], judge=lambda a, b: 0),
+        ba.TreeSearch([ok], expand=lambda b, d: []),
+    ]
+
+
+def test_a_strategy_is_hashable_and_equal_only_to_itself() -> None:
+    """Identity equality and hashing, as before the built-ins were attrs classes."""
+    first, second = _one_of_each(), _one_of_each()
+    assert {type(s).__name__ for s in first} == {
+        name for name in ba.__all__
+        if isinstance(getattr(ba, name), type) and issubclass(getattr(ba, name), kit.Strategy)
+        and getattr(ba, name) is not kit.Strategy}
+    for a, b in zip(first, second, strict=True):
+        assert a == a, type(a).__name__
+        assert a != b, type(a).__name__
+        assert hash(a) == hash(a) == object.__hash__(a), type(a).__name__
+    assert len(set(first) | set(second)) == 2 * len(first)
+    assert {first[0]: 1}[first[0]] == 1
+
+
+def test_the_kit_exports_the_branch_types_the_built_ins_use() -> None:
+    assert kit.Branch is ba.Branch
+    assert kit.BranchState is ba.BranchState
+
+
 def test_the_kit_is_what_the_top_level_exports() -> None:
     for name in ("Strategy", "Outcome", "Result", "Verdict", "Command", "Executor",
                  "get_strategy", "run_candidate"):

@@ -56,7 +56,7 @@ plays = st.lists(st.tuples(behaviours, scores), min_size=1, max_size=5)
 # -- a strategy from the public kit alone ---------------------------------------------------
 
 
-@attrs.define(kw_only=True)
+@attrs.define(kw_only=True, eq=False)
 class MajorityVote(Strategy):
     """Run every candidate; commit the first success whose output most successes gave.
 

@@ -9,7 +9,7 @@ from branchagent.strategy import Candidate, Outcome, Strategy, Target, to_candid
 __all__ = ["FirstSuccess"]
 
 
-@attrs.define(kw_only=True)
+@attrs.define(kw_only=True, eq=False)
 class FirstSuccess(Strategy):
     """Run the candidates one after another; commit the first that succeeds.
 

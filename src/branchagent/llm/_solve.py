@@ -19,6 +19,7 @@ from ..strategy import (
     Strategy,
     Target,
     Verdict,
+    get_strategy,
     is_async_callable,
     run_candidate,
 )
@@ -119,6 +120,8 @@ async def solve(
     would have won. ``strategy="speculate"`` starts the candidates best score
     first and commits the first that verifies, cancelling the rest
     (``ba.Speculate``). ``max_parallel`` and ``timeout`` go to the strategy.
+    Either is the class registered under that name in the
+    ``branchagent.strategies`` entry-point group (:func:`~branchagent.get_strategy`).
 
     Returns the strategy's :class:`~branchagent.Outcome`; each result's
     ``info`` holds the completion's ``text``, its ``logprob_score`` and the
@@ -127,8 +130,6 @@ async def solve(
     paths ``applied``; ``changes`` lists what the branch changed.
     ``Outcome.info["llm"]`` says how sampling went.
     """
-    from branchagent_strategies import BestOfN, Speculate
-
     if strategy not in ("best_of_n", "speculate"):
         raise ValueError(f"strategy must be 'best_of_n' or 'speculate', got {strategy!r}")
     if strategy == "speculate" and not commit:
@@ -143,14 +144,17 @@ async def solve(
     log.info("llm_sampled", source=repr(source), n=len(completions),
              best_score=max(scores, default=None), duration_ms=round(sampled * 1e3, 3))
 
+    # The built-in found by its entry-point name (the registry of the strategy kit), so that
+    # this package, below the built-in strategies, never imports them.
+    factory: Any = get_strategy(strategy)
     order: Sequence[int] = range(len(completions))
     strat: Strategy
     if strategy == "speculate":
         order = sorted(order, key=lambda i: (-scores[i], i))
-        strat = Speculate([as_candidate(completions[i], apply=apply, verify=verify)
-                           for i in order], max_parallel=max_parallel, timeout=timeout)
+        strat = factory([as_candidate(completions[i], apply=apply, verify=verify)
+                         for i in order], max_parallel=max_parallel, timeout=timeout)
     else:
-        strat = BestOfN([as_candidate(c, apply=apply, verify=verify) for c in completions],
+        strat = factory([as_candidate(c, apply=apply, verify=verify) for c in completions],
                         scores=scores, commit=commit, max_parallel=max_parallel,
                         timeout=timeout)
     outcome = await strat.run(target)

@@ -26,7 +26,8 @@ message recorded.
 The kit, the same one the built-in strategies use:
 
 - :class:`Strategy`: the base class; subclasses are attrs classes declaring
-  their own fields, and inherit ``timeout``, ``max_parallel`` and
+  their own fields (``@attrs.define(kw_only=True, eq=False)``: strategies
+  compare and hash by identity), and inherit ``timeout``, ``max_parallel`` and
   ``executor`` (validated here) and :meth:`Strategy.open_arena`;
 - :class:`Arena` and :class:`Trial`: the branches of one run and the
   candidates run in them (:meth:`Arena.run`, :meth:`Arena.commit`,
@@ -40,6 +41,8 @@ The kit, the same one the built-in strategies use:
 - candidate adapters: :func:`run_candidate`, :func:`to_verdict`,
   :func:`from_outcome`, :func:`call` (user callbacks, sync or async);
 - the executor seam: :class:`Executor`, :class:`LocalExecutor`;
+- what a strategy works on: :class:`~branchagent.Branch` and
+  :class:`~branchagent.BranchState` (the same classes as ``branchagent``'s);
 - the registry: :func:`get_strategy`, :func:`available_strategies`,
   :data:`GROUP` (the ``branchagent.strategies`` entry-point group).
 
@@ -48,8 +51,9 @@ See the "Writing a strategy" page of the documentation for a walk-through.
 
 from __future__ import annotations
 
+from .._branch import Branch, BranchState
 from ._arena import AfterHook, Arena, StopRule, Trial, open_arena, pick_best, rank_key
-from ._base import Strategy, check_max_parallel, check_timeout, deadline_after, to_candidates
+from ._base import Strategy, to_candidates
 from ._candidates import (
     Candidate,
     Target,
@@ -60,6 +64,7 @@ from ._candidates import (
 )
 from ._executor import Executor, LocalExecutor
 from ._registry import GROUP, available_strategies, get_strategy
+from ._root import check_max_parallel, check_timeout, deadline_after
 from ._values import (
     ATTEMPT_ENV,
     FEEDBACK_ENV,
@@ -81,6 +86,8 @@ __all__ = [
     "SCORE_FILE_ENV",
     "AfterHook",
     "Arena",
+    "Branch",
+    "BranchState",
     "Candidate",
     "Command",
     "Executor",

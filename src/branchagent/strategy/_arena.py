@@ -20,9 +20,9 @@ import structlog.contextvars
 from .._branch import Branch, BranchState
 from .._events import emit
 from ..exceptions import BranchAgentError, BranchExists, StrategyError
-from ._base import check_max_parallel
 from ._candidates import Candidate, Target
 from ._executor import Executor, LocalExecutor
+from ._root import check_max_parallel
 from ._values import Outcome, Result, Verdict, best, describe_error
 
 __all__ = ["AfterHook", "Arena", "StopRule", "Trial", "open_arena", "pick_best", "rank_key"]

@@ -7,39 +7,17 @@ import contextlib
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, ClassVar
 
-import anyio
 import attrs
 
+from ._arena import Arena, open_arena
+from ._root import AbstractStrategy, check_max_parallel, check_timeout, deadline_after
+
 if TYPE_CHECKING:
-    from ._arena import Arena
     from ._candidates import Candidate, Target
     from ._executor import Executor
     from ._values import Outcome
 
-__all__ = ["Strategy", "check_max_parallel", "check_timeout", "deadline_after", "to_candidates"]
-
-
-def check_timeout(timeout: float | None) -> float | None:
-    """``timeout`` if it is a positive number of seconds or ``None``, else ``ValueError``."""
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
-    return float(timeout)
-
-
-def check_max_parallel(max_parallel: int | None) -> int | None:
-    """``max_parallel`` if it is a positive int or ``None``, else ``ValueError``."""
-    if max_parallel is None:
-        return None
-    if isinstance(max_parallel, bool) or not isinstance(max_parallel, int) or max_parallel < 1:
-        raise ValueError(f"max_parallel must be a positive int or None, got {max_parallel!r}")
-    return max_parallel
-
-
-def deadline_after(timeout: float | None) -> float | None:
-    """The deadline ``timeout`` seconds from now on anyio's clock (``None``: no deadline)."""
-    return None if timeout is None else anyio.current_time() + timeout
+__all__ = ["Strategy", "to_candidates"]
 
 
 def to_candidates(candidates: Iterable[Candidate]) -> tuple[Candidate, ...]:
@@ -54,7 +32,7 @@ def _options_repr(self: Strategy) -> str:
 
 
 @attrs.define(kw_only=True, eq=False, repr=False)
-class Strategy(abc.ABC):
+class Strategy(AbstractStrategy):
     """Base class of every strategy, built-in or plugin.
 
     ``await strategy.run(target)`` forks ``target`` (a workspace or a
@@ -62,7 +40,8 @@ class Strategy(abc.ABC):
     leaves no branch of its own open on any path (success, failure, timeout,
     cancellation, exceptions). A strategy instance is also a candidate.
 
-    Subclasses are attrs classes (``@attrs.define(kw_only=True)``) that
+    Subclasses are attrs classes (``@attrs.define(kw_only=True, eq=False)``:
+    a strategy, like this base, compares and hashes by identity) that
     declare only their own fields; the options every strategy shares are
     declared here, keyword-only and validated once:
 
@@ -95,8 +74,6 @@ class Strategy(abc.ABC):
         :meth:`Arena.run <branchagent.strategy.Arena.run>` is bounded by it.
         On exit, on every path, no branch of the arena is left open.
         """
-        from ._arena import open_arena
-
         async with open_arena(
             target, strategy=self.name, executor=self.executor,
             max_parallel=self.max_parallel, deadline=deadline_after(self.timeout),

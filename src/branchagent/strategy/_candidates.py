@@ -17,7 +17,7 @@ import anyio.to_thread
 
 from .._branch import Branch
 from ..exceptions import CandidateError
-from ._base import Strategy
+from ._root import AbstractStrategy
 from ._values import (
     SCORE_FILE_ENV,
     Command,
@@ -52,7 +52,7 @@ Candidate: TypeAlias = (
     | Callable[[Branch], VerdictLike]
     | Command
     | Isolated
-    | Strategy
+    | AbstractStrategy
 )
 """An async or sync callable taking the branch, a :class:`Command`, an
 :class:`Isolated` callable, or a :class:`Strategy`."""
@@ -107,7 +107,7 @@ async def run_candidate(candidate: Candidate, branch: Branch) -> Verdict:
     the strategy is cancelled its result is dropped and the thread finishes in
     the background.
     """
-    if isinstance(candidate, Strategy):
+    if isinstance(candidate, AbstractStrategy):
         return from_outcome(await candidate.run(branch))
     if isinstance(candidate, Command):
         return await _run_command(candidate, branch)
