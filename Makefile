@@ -38,8 +38,12 @@ DEMO_ARGS ?=
 TIMED := scripts/timed.sh
 
 # pytest-pythons: the core subset (API, conformance, sandbox, strategies) on each of
-# these Pythons too, each in its own .venv-pyXY (scripts/pytest-python.sh).
+# these Pythons too, each in its own .venv-pyXY (scripts/pytest-python.sh). The
+# conformance model check explores 200 random runs once, in `make pytest`; here it
+# makes EXTRA_PYTHONS_EXAMPLES of them (every rule, both loops), which is enough for
+# what differs between interpreters and keeps each one to a few minutes.
 EXTRA_PYTHONS ?= 3.12 3.13
+EXTRA_PYTHONS_EXAMPLES ?= $(or $(BRANCHAGENT_CONFORMANCE_EXAMPLES),25)
 CORE_TESTS := tests/api/test_api.py tests/workspace/test_conformance.py \
 	tests/sandbox/test_sandbox.py tests/strategies/test_strategies.py \
 	tests/strategies/test_strategy_properties.py
@@ -113,6 +117,7 @@ pytest: setup
 pytest-pythons: setup
 	@failed=""; \
 	for v in $(EXTRA_PYTHONS); do \
+		BRANCHAGENT_CONFORMANCE_EXAMPLES=$(EXTRA_PYTHONS_EXAMPLES) \
 		scripts/pytest-python.sh "$$v" $(PY) $(CORE_TESTS) $(PYTEST_ARGS) || failed="$$failed $$v"; \
 	done; \
 	if [[ -n "$$failed" ]]; then \

@@ -50,6 +50,7 @@ if [[ -z "$py" ]]; then
     exit 0
 fi
 
+t0=$SECONDS
 # A venv of another version, or a broken one (its interpreter went away), is made again.
 if [[ -e "$venv" ]] && ! "$venv/bin/python" -c "$is_version" 2>/dev/null; then
     rm -rf "$venv"
@@ -70,6 +71,7 @@ if $stale; then
     "$venv/bin/python" -m pip install -e '.[dev]'
     touch "$deps_stamp"
 fi
+echo "pytest-pythons: $venv ready in $((SECONDS - t0)) s"
 
 rc=0
 "$here/timed.sh" "pytest (Python $version: $("$venv/bin/python" --version 2>&1))" \
