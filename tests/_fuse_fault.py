@@ -28,6 +28,13 @@ def fault_server(spec: str | None) -> list[str] | None:
     return None if not spec else [sys.executable, os.fspath(LAUNCHER), spec]
 
 
+def _publish(path: str, text: str) -> None:
+    """Write ``path`` whole: a test polling for it never reads it half-written."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def install_fault_hook(spec: str) -> None:
     """Act at the ``n``-th journal step of this process.
 
@@ -52,11 +59,9 @@ def install_fault_hook(spec: str) -> None:
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         elif action == "mark":
-            with open(arg, "w") as f:
-                f.write(step)
+            _publish(arg, step)
         else:
-            with open(arg + ".reached", "w") as f:
-                f.write(step)
+            _publish(arg + ".reached", step)
             deadline = time.monotonic() + 60
             while not os.path.exists(arg) and time.monotonic() < deadline:
                 time.sleep(0.01)
