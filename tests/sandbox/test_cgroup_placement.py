@@ -23,6 +23,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import anyio
 import pytest
 import structlog
 
@@ -740,6 +741,21 @@ def _agent(repo: Path, how: str) -> tuple[int, list[Path]]:
     assert line, res.stdout[-3000:] + res.stderr[-3000:]
     first, *parents = line[0].split()[1:]
     return int(first), [Path(p) for p in parents]
+
+
+@needs_root_cgroups
+@pytest.mark.anyio
+async def test_real_runs_cancelled_at_any_point_leave_no_cgroup(repo: Path) -> None:
+    """A run cancelled at any instant, before its process started too (while the sandbox
+    is still being set up), leaves no run cgroup behind."""
+    async with ba.open_workspace(repo, backend="copy") as ws:
+        b = await ws.fork()
+        for i in range(60):
+            with anyio.move_on_after(i * 0.0004):
+                await b.run(["true"], isolate=i % 2 == 0, limits=ba.Limits(memory="64M"))
+    left = [d for p in _real().parents() if p.is_dir() for d in p.iterdir()
+            if d.name.startswith("run-")]
+    assert left == []
 
 
 @needs_root_cgroups

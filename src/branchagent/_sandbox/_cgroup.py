@@ -942,6 +942,8 @@ class RunCgroup:
                         log.warning("cgroup_remove_failed", path=str(d), error=str(exc))
                         break
                     time.sleep(0.01)
+            else:
+                log.warning("cgroup_remove_failed", path=str(d), error="still busy after 1 s")
             self.dirs.remove(d)
 
 

@@ -245,68 +245,66 @@ async def spawn(
         enforced.add("timeout")
 
     cg = await anyio.to_thread.run_sync(_cgroup.host().create, limits)
-    if cg is not None:
-        enforced.update(cg.enforced)
-    have = {e.split(":")[0] for e in enforced}
-    if limits.memory is not None and "memory" not in have:
-        cmd = ["prlimit", f"--as={limits.memory}", "--", *cmd]
-        enforced.add("memory:rlimit-as")
-    if limits.pids is not None and "pids" not in have:
-        not_enforced.add("pids")
-    if limits.cpu is not None and "cpu" not in have:
-        not_enforced.add("cpu")
-
-    if isolate:
-        if not await anyio.to_thread.run_sync(isolation_available, limits.network):
-            problem = isolation_problem(limits.network) or (
-                "private mount/PID namespaces are not permitted here")
-            if cg is not None:
-                await anyio.to_thread.run_sync(cg.remove)
-            raise IsolationUnavailable(
-                f"{problem}; or pass isolate=False to run with cwd set to the branch, unisolated"
-            )
-        prefix = _unshare_argv(limits.network)
-        if not limits.network:
-            enforced.add("network:netns")
-        if _SETPRIV:
-            enforced.add("caps:dropped")
-        else:
-            not_enforced.add("caps")
-        hidden = [
-            os.fspath(h) for h in hide
-            if h.exists() and h != workspace_path and h not in workspace_path.parents
-        ]
-        script = _ISOLATE if os.geteuid() == 0 else _ISOLATE_USERNS
-        cmd = [*prefix, "sh", "-c", script, "sh", os.fspath(branch_path),
-               os.fspath(workspace_path), os.fspath(argv[0]), *hidden, "--", *cmd]
-        cwd = "/"
-    else:
-        if not limits.network:
-            not_enforced.add("network")
-        cwd = os.fspath(branch_path)
-    if cg is not None:
-        cmd = cg.wrap(cmd)
-    if not_enforced:
-        log.warning("limits_not_enforced", limits=sorted(not_enforced),
-                    cgroups=_cgroup.host().kind)
-
-    full_env = dict(os.environ)
-    full_env["PYTHONUNBUFFERED"] = "1"
-    if env:
-        full_env.update(env)
-    if not isolate:  # isolated runs look the executable up inside the namespace
-        exe = os.fspath(argv[0])
-        found = await anyio.to_thread.run_sync(_findable, exe, cwd, full_env.get("PATH"))
-        if not found:
-            if cg is not None:
-                await anyio.to_thread.run_sync(cg.remove)
-            raise SandboxError(f"cannot run {exe!r}: not found")
-
+    # From here on the run's cgroup exists: whatever happens (an error, a cancellation
+    # before the process even started), the finally below kills what is in it and removes it.
     killed: str | None = None
-    started = time.monotonic()
     proc = None
     hit: set[str] = set()
     try:
+        if cg is not None:
+            enforced.update(cg.enforced)
+        have = {e.split(":")[0] for e in enforced}
+        if limits.memory is not None and "memory" not in have:
+            cmd = ["prlimit", f"--as={limits.memory}", "--", *cmd]
+            enforced.add("memory:rlimit-as")
+        if limits.pids is not None and "pids" not in have:
+            not_enforced.add("pids")
+        if limits.cpu is not None and "cpu" not in have:
+            not_enforced.add("cpu")
+
+        if isolate:
+            if not await anyio.to_thread.run_sync(isolation_available, limits.network):
+                problem = isolation_problem(limits.network) or (
+                    "private mount/PID namespaces are not permitted here")
+                raise IsolationUnavailable(
+                    f"{problem}; or pass isolate=False to run with cwd set to the branch, "
+                    "unisolated")
+            prefix = _unshare_argv(limits.network)
+            if not limits.network:
+                enforced.add("network:netns")
+            if _SETPRIV:
+                enforced.add("caps:dropped")
+            else:
+                not_enforced.add("caps")
+            hidden = [
+                os.fspath(h) for h in hide
+                if h.exists() and h != workspace_path and h not in workspace_path.parents
+            ]
+            script = _ISOLATE if os.geteuid() == 0 else _ISOLATE_USERNS
+            cmd = [*prefix, "sh", "-c", script, "sh", os.fspath(branch_path),
+                   os.fspath(workspace_path), os.fspath(argv[0]), *hidden, "--", *cmd]
+            cwd = "/"
+        else:
+            if not limits.network:
+                not_enforced.add("network")
+            cwd = os.fspath(branch_path)
+        if cg is not None:
+            cmd = cg.wrap(cmd)
+        if not_enforced:
+            log.warning("limits_not_enforced", limits=sorted(not_enforced),
+                        cgroups=_cgroup.host().kind)
+
+        full_env = dict(os.environ)
+        full_env["PYTHONUNBUFFERED"] = "1"
+        if env:
+            full_env.update(env)
+        if not isolate:  # isolated runs look the executable up inside the namespace
+            exe = os.fspath(argv[0])
+            found = await anyio.to_thread.run_sync(_findable, exe, cwd, full_env.get("PATH"))
+            if not found:
+                raise SandboxError(f"cannot run {exe!r}: not found")
+
+        started = time.monotonic()
         try:
             proc = await anyio.open_process(
                 cmd, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=full_env,
@@ -333,7 +331,7 @@ async def spawn(
             if proc is not None:
                 await proc.wait()
                 await proc.aclose()
-            if on_cgroup is not None:
+            if on_cgroup is not None and proc is not None:
                 on_cgroup(None, 0)
             if cg is not None:
                 if await anyio.to_thread.run_sync(cg.oom_killed):
