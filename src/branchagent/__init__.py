@@ -11,6 +11,7 @@ from ._branch import Backend, Branch, BranchState, Change, ChangeKind, EntryType
 from ._doctor import DoctorCheck, DoctorReport, doctor
 from ._events import Event, observe
 from ._limits import Limits
+from ._protocols import RunOptions
 from ._sandbox._run import RunResult
 from ._workspace import Workspace, WorkspaceBranch, open_workspace
 from .exceptions import (
@@ -149,6 +150,7 @@ __all__ = [
     "Reflexion",
     "RemoteError",
     "Result",
+    "RunOptions",
     "RunResult",
     "SandboxError",
     "ServeError",

@@ -1,10 +1,17 @@
 """The protocols of branchagent's seams, in one place.
 
 - :class:`Branch`: what a strategy, a candidate or an agent works with.
+- :class:`RunOptions`: the keyword options of :meth:`Branch.run`, written once
+  here; the protocol, the workspace's branch and the sandbox take them as
+  ``**options: Unpack[RunOptions]``.
 - :class:`Backend`: what stores branch data under a workspace (built-ins and
   plugins alike, found through the ``branchagent.backends`` entry points). The
   features a workspace asks a backend about are declared here too, not reached
   through ``getattr``.
+- :class:`Executor`: where a strategy's candidates execute (re-exported by
+  :mod:`branchagent.strategy`).
+- :class:`Source`: where :mod:`branchagent.llm` samples completions (re-exported
+  there).
 
 The values they speak (states, changes, usage) are in :mod:`._types`.
 """
@@ -14,20 +21,64 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, Unpack, runtime_checkable
 
+from ._limits import Limits
 from ._types import BranchState, Change, Usage
 
 if TYPE_CHECKING:
+    # Types of upper layers, named only in annotations (the layering test exempts these).
     from contextlib import AbstractAsyncContextManager
 
-    from ._limits import Limits
     from ._sandbox._run import RunResult
+    from .llm._completion import Completion
+    from .llm._sources import Prompt
+    from .strategy._candidates import Candidate
+    from .strategy._values import Verdict
 
-__all__ = ["Backend", "Branch", "SavedBranches"]
+__all__ = [
+    "Backend",
+    "Branch",
+    "Executor",
+    "RunOptions",
+    "SavedBranches",
+    "Source",
+    "check_run_options",
+]
 
 #: Branch records a backend keeps itself: name -> ``{"parent": name | None, "created": t}``.
 SavedBranches = dict[str, dict[str, object]]
+
+
+class RunOptions(TypedDict, total=False):
+    """The keyword options of :meth:`Branch.run`; each may be left out.
+
+    - ``limits`` (default ``None``: no limits): a :class:`~branchagent.Limits`.
+    - ``isolate`` (default ``True``): run in private mount and PID namespaces
+      where the branch is at the workspace's path; ``False`` runs in the branch
+      directory.
+    - ``env`` (default ``None``): added to the current environment.
+    - ``stdin`` (default ``None``: empty): fed to the process.
+    - ``timeout`` (default ``None``; or ``limits.timeout``): seconds of wall
+      time for the whole process tree.
+
+    A wrapper can forward them typed: ``def run(argv, **options:
+    Unpack[RunOptions])``.
+    """
+
+    limits: Limits | None
+    isolate: bool
+    env: Mapping[str, str] | None
+    stdin: bytes | None
+    timeout: float | None
+
+
+def check_run_options(options: Mapping[str, object], where: str = "run") -> None:
+    """Raise ``TypeError`` for a name :class:`RunOptions` does not have, as a keyword
+    list would (``**options`` accepts any name at run time)."""
+    for key in options:
+        if key not in RunOptions.__optional_keys__:
+            raise TypeError(f"{where}() got an unexpected keyword argument {key!r}")
 
 
 @runtime_checkable
@@ -70,16 +121,8 @@ class Branch(Protocol):
 
     def resolve(self, path: str | os.PathLike[str]) -> Path: ...
 
-    async def run(
-        self,
-        argv: Sequence[str],
-        *,
-        limits: Limits | None = None,
-        isolate: bool = True,
-        env: Mapping[str, str] | None = None,
-        stdin: bytes | None = None,
-        timeout: float | None = None,
-    ) -> RunResult: ...
+    async def run(self, argv: Sequence[str], **options: Unpack[RunOptions]) -> RunResult:
+        """Run ``argv`` as a new process tree in the branch (options: :class:`RunOptions`)."""
 
     async def call(
         self,
@@ -174,5 +217,26 @@ class Backend(Protocol):
         """Release every resource. Idempotent."""
 
 
-# Room for the other seams' protocols (the candidate executor, llm's Source) when they
-# move here.
+@runtime_checkable
+class Executor(Protocol):
+    """Where candidates execute. The strategy forks and commits; the executor runs.
+
+    ``execute`` runs ``candidate`` so that its effects land in ``branch`` and
+    returns its verdict, raising what the candidate raised (see
+    :func:`~branchagent.strategy.run_candidate`). Strategies call it from their
+    own task group, so concurrency and cancellation stay structured: a remote
+    executor awaits its worker and, when cancelled, must stop it before returning.
+    """
+
+    async def execute(self, candidate: Candidate, branch: Branch) -> Verdict: ...
+
+
+@runtime_checkable
+class Source(Protocol):
+    """Something that samples ``n`` completions with logprobs for a prompt, in one call."""
+
+    async def sample(
+        self, prompt: Prompt, n: int, *, sampling: Mapping[str, Any] | None = None
+    ) -> list[Completion]:
+        """``n`` completions of ``prompt`` (``sampling`` adds to or overrides the source's own)."""
+        ...

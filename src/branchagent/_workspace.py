@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 import anyio
 import anyio.to_thread
@@ -33,6 +33,7 @@ from ._diff import render_diff
 from ._doctor import log_host_capabilities
 from ._events import emit
 from ._limits import Limits, parse_size
+from ._protocols import RunOptions, check_run_options
 from ._rwlock import RWLock
 from ._sandbox._cgroup import RunCgroup
 from ._sandbox._pycall import call_in
@@ -252,17 +253,9 @@ class WorkspaceBranch:
                 raw = os.fspath(path)
         return resolve_inside(self._path, raw)
 
-    async def run(
-        self,
-        argv: Sequence[str],
-        *,
-        limits: Limits | None = None,
-        isolate: bool = True,
-        env: Mapping[str, str] | None = None,
-        stdin: bytes | None = None,
-        timeout: float | None = None,
-    ) -> RunResult:
-        """Run ``argv`` in this branch (see :mod:`branchagent._sandbox._run`).
+    async def run(self, argv: Sequence[str], **options: Unpack[RunOptions]) -> RunResult:
+        """Run ``argv`` in this branch (options: :class:`RunOptions`; see
+        :mod:`branchagent._sandbox._run`).
 
         With ``isolate=True`` the process sees this branch at the workspace's
         original path, in private mount and PID namespaces where the state
@@ -270,7 +263,9 @@ class WorkspaceBranch:
         its own cgroup where the host allows. Aborting the branch kills the
         tree; the result then says ``killed="aborted"``.
         """
+        check_run_options(options, f"{type(self).__name__}.run")
         self._check_open()
+        limits = options.get("limits")
         scope = anyio.CancelScope()
         self._runs.add(scope)
         started = time.monotonic()
@@ -278,9 +273,8 @@ class WorkspaceBranch:
             with scope:
                 async with self._run_disk(limits) as how:
                     r = await run_in(
-                        self._path, self._ws.path, argv, limits=limits, isolate=isolate,
-                        env=env, stdin=stdin, timeout=timeout, scratch=self._ws._scratch,
-                        hide=(self._ws.state_dir,), on_cgroup=self._track(scope),
+                        self._path, self._ws.path, argv, scratch=self._ws._scratch,
+                        hide=(self._ws.state_dir,), on_cgroup=self._track(scope), **options,
                     )
                 if limits is None or limits.disk is None:
                     return r
@@ -292,7 +286,8 @@ class WorkspaceBranch:
             self._active.pop(scope, None)
         return RunResult(
             argv=tuple(argv), returncode=-9, stdout="", stderr="",
-            duration=time.monotonic() - started, killed="aborted", isolated=isolate,
+            duration=time.monotonic() - started, killed="aborted",
+            isolated=options.get("isolate", True),
         )
 
     async def call(

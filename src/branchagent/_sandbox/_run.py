@@ -13,14 +13,15 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Unpack
 
 import anyio.to_thread
 import attrs
 
 from .._limits import Limits
+from .._protocols import RunOptions
 from . import _cgroup
 from ._spawn import check_markers, isolation_available, spawn
 
@@ -98,26 +99,24 @@ async def run_in(
     workspace_path: Path,
     argv: Sequence[str],
     *,
-    limits: Limits | None = None,
-    isolate: bool = True,
-    env: Mapping[str, str] | None = None,
-    stdin: bytes | None = None,
-    timeout: float | None = None,
     scratch: Path | None = None,
     hide: Sequence[Path] = (),
     on_cgroup: Callable[[_cgroup.RunCgroup | None, int], None] | None = None,
+    **options: Unpack[RunOptions],
 ) -> RunResult:
-    """Run ``argv`` in ``branch_path``; see ``Branch.run``."""
+    """Run ``argv`` in ``branch_path``; see ``Branch.run`` (defaults: :class:`RunOptions`)."""
     if isinstance(argv, str) or not argv:
         raise ValueError("argv must be a non-empty sequence of strings, e.g. ['pytest', '-q']")
-    limits = limits or Limits()
-    files = await anyio.to_thread.run_sync(_open_files, scratch, stdin)
+    limits = options.get("limits") or Limits()
+    isolate = options.get("isolate", True)
+    files = await anyio.to_thread.run_sync(_open_files, scratch, options.get("stdin"))
     try:
         with files.stack:
             o = await spawn(
                 argv, branch_path=branch_path, workspace_path=workspace_path, hide=hide,
-                limits=limits, isolate=isolate, env=env, stdin=files.stdin, stdout=files.stdout,
-                stderr=files.stderr, timeout=timeout, on_cgroup=on_cgroup,
+                limits=limits, isolate=isolate, env=options.get("env"), stdin=files.stdin,
+                stdout=files.stdout, stderr=files.stderr, timeout=options.get("timeout"),
+                on_cgroup=on_cgroup,
             )
         stdout, out_trunc = await anyio.to_thread.run_sync(
             _read_capped, files.tmp / "stdout", limits.output)

@@ -24,10 +24,11 @@ from __future__ import annotations
 import inspect
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, TypeAlias, runtime_checkable
+from typing import Any, TypeAlias
 
 import anyio.to_thread
 
+from .._protocols import Source  # defined with the other seams' protocols, re-exported here
 from ._completion import Completion, completions_from_openai, completions_from_vllm
 from ._errors import SourceError
 
@@ -35,17 +36,6 @@ __all__ = ["OpenAISource", "Prompt", "Source", "VLLMSource", "as_source", "check
 
 Prompt: TypeAlias = str | Sequence[Mapping[str, Any]]
 """Text, or chat messages (``[{"role": "user", "content": "..."}]``)."""
-
-
-@runtime_checkable
-class Source(Protocol):
-    """Something that samples ``n`` completions with logprobs for a prompt, in one call."""
-
-    async def sample(
-        self, prompt: Prompt, n: int, *, sampling: Mapping[str, Any] | None = None
-    ) -> list[Completion]:
-        """``n`` completions of ``prompt`` (``sampling`` adds to or overrides the source's own)."""
-        ...
 
 
 def check_sampling(n: int, sampling: Mapping[str, Any]) -> dict[str, Any]:
