@@ -504,7 +504,7 @@ def test_sigterm_or_sighup_stops_cleanly_with_nothing_left(
             assert not _alive(pid), "a verification process outlived the server"
         status = subprocess.run([os.fspath(branchagent), "status", "--json", "-w",
                                  os.fspath(repo)], capture_output=True, text=True, check=True)
-        assert json.loads(status.stdout)["branches"] == []
+        assert json.loads(status.stdout)["branches"] == [], err
         assert pristine(repo)
     finally:
         for proc in (serve, up, asker):

@@ -302,16 +302,18 @@ class _Server:
             assert ws is not None
             keep: set[str] = set()
             async with self.lock.hold(commit):
-                try:
-                    async with anyio.create_task_group() as tg:
-                        for t in trials:
-                            tg.start_soon(self.trial, ws, t, keep)
-                except BaseExceptionGroup as group:
-                    _raise_first(group)
-                verified = sorted((t for t in trials if t.verified), key=_Trial.rank)
-                chosen = verified[:n]
                 committed: str | None = None
+                # The branches kept for the answer are aborted on every path: an answer, an
+                # error in a trial, or the request cancelled (the server shutting down).
                 try:
+                    try:
+                        async with anyio.create_task_group() as tg:
+                            for t in trials:
+                                tg.start_soon(self.trial, ws, t, keep)
+                    except BaseExceptionGroup as group:
+                        _raise_first(group)
+                    verified = sorted((t for t in trials if t.verified), key=_Trial.rank)
+                    chosen = verified[:n]
                     if commit and chosen:
                         top = chosen[0]
                         for b in ws.branches():
