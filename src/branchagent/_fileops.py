@@ -13,8 +13,9 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Callable
 
-__all__ = ["Reflinks", "copy_data", "copy_file", "copy_metadata", "copy_range",
+__all__ = ["Reflinks", "tree_usage", "copy_data", "copy_file", "copy_metadata", "copy_range",
            "copy_sparse_data", "copy_xattrs_fd"]
 
 FICLONE = 0x40049409
@@ -181,3 +182,42 @@ def copy_metadata(src: str | None, dst: str, st: os.stat_result, *,
         os.chmod(dst, stat.S_IMODE(st.st_mode))
     if keep_mtime:
         os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def tree_usage(
+    tree: str, skip: Callable[[str, os.stat_result, str], bool] | None = None
+) -> tuple[int, int]:
+    """(bytes, entries) the non-directory entries under ``tree`` hold.
+
+    Bytes are apparent sizes of regular files (a hard-linked file once) plus symlink
+    target lengths. ``skip(rel, st, path)`` leaves an entry out (``rel`` is its
+    '/'-separated path under ``tree``).
+    """
+    total = files = 0
+    seen: set[int] = set()
+    stack = [tree]
+    while stack:
+        try:
+            it = os.scandir(stack.pop())
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        with it:
+            for de in it:
+                try:
+                    st = de.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(de.path)
+                    continue
+                if skip is not None and skip(
+                        os.path.relpath(de.path, tree).replace(os.sep, "/"), st, de.path):
+                    continue
+                files += 1
+                if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
+                    if st.st_ino in seen:
+                        continue
+                    seen.add(st.st_ino)
+                if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+                    total += st.st_size
+    return total, files

@@ -41,7 +41,7 @@ import anyio.to_thread
 
 from .. import _journal
 from .._branch import Change, EntryType, Usage
-from .._fileops import Reflinks, copy_file
+from .._fileops import Reflinks, copy_file, tree_usage
 from .._manifest import (
     Entry,
     HashCache,
@@ -280,34 +280,8 @@ class CopyBackend:
     def _usage_sync(self, name: str) -> Usage:
         fork = self._fork_manifest(name)
         tree = self.path(name)
-        total = files = 0
-        seen: set[int] = set()
-        stack = [os.fspath(tree)]
-        while stack:
-            d = stack.pop()
-            try:
-                it = os.scandir(d)
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            with it:
-                for de in it:
-                    try:
-                        st = de.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    if stat.S_ISDIR(st.st_mode):
-                        stack.append(de.path)
-                        continue
-                    rel = os.path.relpath(de.path, tree).replace(os.sep, "/")
-                    if _unchanged(fork.get(rel), st, de.path):
-                        continue
-                    files += 1
-                    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-                        if st.st_ino in seen:
-                            continue
-                        seen.add(st.st_ino)
-                    if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
-                        total += st.st_size
+        total, files = tree_usage(
+            os.fspath(tree), lambda rel, st, path: _unchanged(fork.get(rel), st, path))
         return Usage(bytes=total, files=files)
 
     async def usage(self, name: str) -> Usage:

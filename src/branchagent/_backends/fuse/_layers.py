@@ -55,7 +55,7 @@ from collections.abc import Iterator
 import attrs
 
 from ... import _journal
-from ..._fileops import copy_data, copy_metadata
+from ..._fileops import copy_data, copy_metadata, tree_usage
 from ._sparse import CHUNK, Sparse
 
 __all__ = [
@@ -139,34 +139,6 @@ def cost(st: os.stat_result) -> int:
     if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
         return st.st_size
     return 0
-
-
-def tree_usage(tree: str) -> tuple[int, int]:
-    """(bytes, entries) a layer's tree holds (see the module docstring)."""
-    total = files = 0
-    seen: set[int] = set()
-    stack = [tree]
-    while stack:
-        try:
-            it = os.scandir(stack.pop())
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        with it:
-            for de in it:
-                try:
-                    st = de.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(de.path)
-                    continue
-                files += 1
-                if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
-                    if st.st_ino in seen:
-                        continue
-                    seen.add(st.st_ino)
-                total += cost(st)
-    return total, files
 
 
 # -- sparse copy-up ---------------------------------------------------------------------------
