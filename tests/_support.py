@@ -93,6 +93,17 @@ def snapshot(root: Path) -> dict[str, bytes | str]:
     return out
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not ended (a zombie has ended). The process
+    may go between opening its /proc entry and reading it (ProcessLookupError): gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
 def processes_with(token: str) -> list[int]:
     """Live (non-zombie) pids whose command line contains ``token``."""
     found = []

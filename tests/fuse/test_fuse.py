@@ -24,7 +24,7 @@ import pytest
 
 import branchagent as ba
 from _fuse_fault import fault_server
-from _support import requires_fuse, tree_state
+from _support import alive, requires_fuse, tree_state
 from branchagent import testing
 from branchagent._backends.fuse import FuseBackend
 from branchagent._backends.fuse._backend import is_mounted
@@ -262,14 +262,6 @@ def _wait(cond: object, timeout: float) -> bool:
     return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_server_dies_with_the_agent(repo: Path, tmp_path: Path) -> None:
     state = tmp_path / "state"
     with subprocess.Popen([sys.executable, "-c", _AGENT, str(repo), str(state)],
@@ -287,7 +279,7 @@ def test_server_dies_with_the_agent(repo: Path, tmp_path: Path) -> None:
             agent.send_signal(signal.SIGKILL)
             agent.wait()
             assert _wait(lambda: not is_mounted(mnt), 10), "the mount outlived the agent"
-            assert _wait(lambda: not _alive(server_pid), 10), "the server outlived the agent"
+            assert _wait(lambda: not alive(server_pid), 10), "the server outlived the agent"
         finally:
             agent.kill()
             agent.wait()
@@ -304,7 +296,7 @@ async def test_stale_mount_is_cleared_on_open(repo: Path, tmp_path: Path) -> Non
         pid = ws.backend.server_pid  # type: ignore[attr-defined]
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
-        assert _wait(lambda: not _alive(pid), 10)
+        assert _wait(lambda: not alive(pid), 10)
         with pytest.raises(OSError) as info:  # noqa: PT011 - the errno is checked
             os.listdir(b.path)
         assert info.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)  # the dead mount
@@ -467,7 +459,7 @@ async def test_nested_commit_killed_midway_is_finished_at_open(
         with pytest.raises(ba.BranchAgentError):
             await c.commit()
         assert pid is not None
-        assert _wait(lambda: not _alive(pid), 10)
+        assert _wait(lambda: not alive(pid), 10)
     async with ba.open_workspace(repo, backend=FuseBackend(), state_dir=state) as ws:
         assert [b.name for b in ws.branches()] == ["parent"]
         (p,) = ws.branches()

@@ -36,7 +36,7 @@ import structlog
 
 import branchagent as ba
 from _fuse_fault import FAULT_ENV, fault_server
-from _support import Tree, requires_fuse, tree_state
+from _support import Tree, alive, requires_fuse, tree_state
 from branchagent._backends.fuse._backend import FuseBackend, is_mounted
 
 HERE = Path(__file__).resolve().parent
@@ -201,17 +201,9 @@ class Case:
         return sorted(os.listdir(d)) if d.is_dir() else []
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
 async def wait_gone(pid: int, timeout: float = 20) -> None:
     with anyio.fail_after(timeout):
-        while _alive(pid):  # noqa: ASYNC110 - another process: nothing to wait on
+        while alive(pid):  # noqa: ASYNC110 - another process: nothing to wait on
             await anyio.sleep(0.01)
 
 
@@ -329,7 +321,7 @@ async def test_agent_killed_while_the_server_is_stopped_after_intent(tmp_path: P
         assert reached.read_text() == "intent"  # noqa: ASYNC240 - a tmp file, instant
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
-    assert _alive(case.server_pid), "the filesystem process died with the agent mid-commit"
+    assert alive(case.server_pid), "the filesystem process died with the agent mid-commit"
     assert tree_state(case.repo) == case.before, "the held commit changed the base"
     go.touch()
     await wait_gone(case.server_pid)

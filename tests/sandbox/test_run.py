@@ -14,6 +14,7 @@ import anyio
 import pytest
 
 import branchagent as ba
+from _support import alive
 from branchagent import WorkspaceBranch
 from branchagent._sandbox import _spawn
 from branchagent._sandbox._run import isolation_available
@@ -54,15 +55,6 @@ def live_pids(tok: str) -> list[int]:
         if tok.encode() in cmdline and status.rpartition(")")[2].split()[0] != "Z":
             out.append(int(entry))
     return out
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` is a process that has not ended (a zombie has ended)."""
-    try:
-        status = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return status.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def realpath(path: Path) -> str:

@@ -20,25 +20,12 @@ import pytest
 from structlog.testing import capture_logs
 
 import branchagent as ba
-from _support import snapshot, workspace
+from _support import alive, snapshot, workspace
 
 pytestmark = pytest.mark.anyio
 
 
 # -- helpers --------------------------------------------------------------------------
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a zombie counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def processes_with(token: str) -> list[int]:
