@@ -49,6 +49,13 @@ ENTRY_TIMEOUT = 60.0
 ATTR_TIMEOUT = 60.0
 ROOT = pyfuse3.ROOT_INODE
 _AS_ROOT = os.geteuid() == 0
+# A missing name inside a branch: the kernel caches the answer (inode 0) for as long as an
+# entry. Names only appear behind its back by a nested commit or an outside write into the
+# base, and both invalidate the name (``_known_or_forget``); at the mount root (``@<id>``,
+# new with every fork) a missing name is a plain ENOENT, never cached.
+_NEGATIVE = pyfuse3.EntryAttributes()
+_NEGATIVE.st_ino = 0
+_NEGATIVE.entry_timeout = ENTRY_TIMEOUT
 _OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | getattr(os, "O_DIRECT", 0)
 _RENAME_EXCHANGE = 2
 
@@ -175,17 +182,29 @@ class BranchFS(NodeTable, pyfuse3.Operations):
             if b.parent is not None:
                 continue
             for p in paths:
-                node = self._find_node(b.id, p)
+                node = self._known_or_forget(b.id, p)
                 if node is None:
-                    head = p.rpartition("/")[0]
-                    parent = self._find_node(b.id, head)
-                    if parent is not None:
-                        self._pending.append((parent.ino, os.fsencode(p.rpartition("/")[2])))
-                        self._pending.append((parent.ino, None))
                     continue
                 self._pending.append((node.ino, None))
                 self._forget_entry(node)
             b.epoch += 1
+
+    def _known_or_forget(self, bid: int, path: str) -> Node | None:
+        """The node of ``path`` in branch ``bid`` when the kernel knows it. Otherwise the
+        kernel may hold a negative entry for the first missing name on the way (lookups of
+        missing names are cached): that entry, and its directory's attributes, are
+        invalidated, and None is returned."""
+        node = self.roots.get(bid)
+        if node is None or not path:
+            return node
+        for part in path.split("/"):
+            child = node.children.get(part)
+            if child is None:
+                self._pending.append((node.ino, os.fsencode(part)))
+                self._pending.append((node.ino, None))
+                return None
+            node = child
+        return node
 
     def _branch(self, node: Node) -> BranchRec:
         b = self.store.branches.get(node.bid)
@@ -327,10 +346,7 @@ class BranchFS(NodeTable, pyfuse3.Operations):
                 self._pending.append((node.ino, None))  # (a hard link's other names live on)
                 self._unname(node, par, name)
             elif node is None:
-                parent = self._find_node(b.id, parent_of(p))
-                if parent is not None:
-                    self._pending.append((parent.ino, os.fsencode(p.rpartition("/")[2])))
-                    self._pending.append((parent.ino, None))
+                self._known_or_forget(b.id, p)
 
     def held_open(self, b: BranchRec) -> int:
         """Bytes of ``b``'s files removed from its top layer while open (see ``Node.owed``)."""
@@ -374,7 +390,7 @@ class BranchFS(NodeTable, pyfuse3.Operations):
             raise _err(errno.ENOTDIR)
         f = self._view(b).lookup(node.path(), self._sources(node, b), n)
         if f is None:
-            raise _err(errno.ENOENT)
+            return _NEGATIVE
         return self._entry(self._child(node, f), f.st)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -762,9 +778,6 @@ class BranchFS(NodeTable, pyfuse3.Operations):
             q.used += start + n - size
         return n
 
-    def _flush(self, fh: int) -> None:
-        self._handle(fh)
-
     def _release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
         if h is None:
@@ -903,7 +916,10 @@ class BranchFS(NodeTable, pyfuse3.Operations):
 _BY_INODE = ("lookup", "getattr", "setattr", "readlink", "mknod", "mkdir", "symlink", "create",
              "link", "unlink", "rmdir", "rename", "open", "opendir", "getxattr", "listxattr",
              "setxattr", "removexattr")
-_BY_HANDLE = ("read", "write", "flush", "release", "fsync", "readdir", "releasedir", "fsyncdir")
+_BY_HANDLE = ("read", "write", "release", "fsync", "readdir", "releasedir", "fsyncdir")
+# ``flush`` (sent on every close()) is left to pyfuse3, which answers ENOSYS: the kernel then
+# stops sending it. Writes reach the layer file before they are answered, so a close has
+# nothing to flush, and every create-write-close saves one round trip.
 _UNGATED = ("statfs",)
 
 
