@@ -56,6 +56,37 @@ _AS_ROOT = os.geteuid() == 0
 _NEGATIVE = pyfuse3.EntryAttributes()
 _NEGATIVE.st_ino = 0
 _NEGATIVE.entry_timeout = ENTRY_TIMEOUT
+
+
+def _attr_ino_offset() -> int | None:
+    """Where, inside a ``pyfuse3.EntryAttributes``, the ``st_ino`` that stat() reports lives.
+
+    pyfuse3 sets the FUSE node id and the reported inode number together, but the kernel
+    keeps them apart: stat() shows ``attr.ino`` and requests name the node id. We report
+    the real file's inode number where it is on the base's filesystem (see ``_ino_of``), so
+    that tools which remember inode numbers (git's index above all) see the files they
+    knew. The field is found by setting a marker through the property and looking for its
+    second copy (the first is the node id, in ``fuse_entry_param.ino``; ``attr.st_ino``
+    follows ``generation`` and ``st_dev``). When the layout is not the expected one, the
+    answer is None and the node id is reported, as before.
+    """
+    a = pyfuse3.EntryAttributes()
+    marker = 0x5EED_BA5E_0DD5_1DE5
+    a.st_ino = marker
+    words = (ctypes.c_uint64 * (type(a).__basicsize__ // 8)).from_address(id(a))
+    hits = [i * 8 for i in range(len(words)) if words[i] == marker]
+    if len(hits) != 2 or hits[1] - hits[0] != 24:
+        return None
+    a.st_mode = stat.S_IFREG | 0o640  # a field after st_ino moves; the two copies stay
+    if [i * 8 for i in range(len(words)) if words[i] == marker] != hits:
+        return None
+    return hits[1]
+
+
+_ATTR_INO = _attr_ino_offset()
+# Reported inode numbers of files that are not on the base's filesystem (a state dir on
+# another disk): the node id with this bit set, apart from any the base's filesystem uses.
+_FOREIGN_INO = 1 << 62
 _OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | getattr(os, "O_DIRECT", 0)
 _RENAME_EXCHANGE = 2
 
@@ -115,6 +146,7 @@ class BranchFS(NodeTable, pyfuse3.Operations):
     def __init__(self, store: Store) -> None:
         super().__init__()
         self.store = store
+        self.base_dev = os.stat(store.root).st_dev
         self.nodes: dict[int, Node] = {}
         self.by_branch: dict[int, dict[int, Node]] = {}  # branch id -> its live nodes
         # Hard-linked files of a branch's top layer: (branch, layer, real inode) -> node,
@@ -269,6 +301,9 @@ class BranchFS(NodeTable, pyfuse3.Operations):
         a.st_atime_ns = st.st_atime_ns
         a.st_mtime_ns = st.st_mtime_ns
         a.st_ctime_ns = st.st_ctime_ns
+        if _ATTR_INO is not None and ino != ROOT:
+            shown = st.st_ino if st.st_dev == self.base_dev else ino | _FOREIGN_INO
+            ctypes.c_uint64.from_address(id(a) + _ATTR_INO).value = shown
         return a
 
     def _root_attr(self) -> pyfuse3.EntryAttributes:
