@@ -200,8 +200,9 @@ def _timeline_svg(doc: Mapping[str, Any], states: Mapping[int, str]) -> str:
              f'aria-label="when each candidate ran">']
     for k in range(5):
         x = left + width * k / 4
+        anchor = "end" if k == 4 else "middle" if k else "start"
         parts.append(f'<line x1="{x:.1f}" y1="0" x2="{x:.1f}" y2="{height - 16}" class="grid"/>'
-                     f'<text x="{x:.1f}" y="{height - 3}" class="tick">'
+                     f'<text x="{x:.1f}" y="{height - 3}" class="tick" text-anchor="{anchor}">'
                      f'{span * k / 4:.2f}s</text>')
     for row, r in enumerate(sorted(timed, key=lambda r: r["index"])):
         start, end = _num(r["start"]) or 0.0, _num(r["end"]) or 0.0
@@ -240,8 +241,10 @@ cursor:pointer;border:1px solid transparent;white-space:nowrap;overflow:hidden}
 .s-failed .state{color:#c62828}.s-error .state{color:#ad1457}
 .s-timeout .state{color:#6a1b9a}.s-cancelled .state{color:#757575}
 .score,.dur{color:#333;min-width:6em}
-.verdict{color:#555;min-width:10em}
-.label{font-family:ui-monospace,monospace;color:#37474f;overflow:hidden;text-overflow:ellipsis}
+.verdict{color:#555;min-width:13em}
+.node>span{flex:none}
+.node>.label{flex:1 1 auto;min-width:0;font-family:ui-monospace,monospace;color:#37474f;
+overflow:hidden;text-overflow:ellipsis}
 #diff{font:12px/1.35 ui-monospace,monospace;white-space:pre;overflow:auto;max-height:70vh;
 margin:0;background:#f5f5f5;padding:8px;border-radius:4px}
 #diff .add{color:#1b5e20;background:#e8f5e9;display:block}
