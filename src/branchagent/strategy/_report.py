@@ -35,11 +35,16 @@ def load_trace(text: str, *, source: str = "the trace") -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise ValueError(f"{source} is not JSON ({exc}); {hint}") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
-        raise ValueError(f"{source} is JSON but not an outcome (no \"results\" list); {hint}")
+        raise _not_an_outcome(f"{source} is JSON but not an outcome (no \"results\" list); "
+                              f"{hint}")
     for i, r in enumerate(doc["results"]):
         if not isinstance(r, dict) or not isinstance(r.get("index"), int):
-            raise ValueError(f"{source}: result {i} has no integer \"index\"; {hint}")
+            raise _not_an_outcome(f"{source}: result {i} has no integer \"index\"; {hint}")
     return doc
+
+
+def _not_an_outcome(message: str) -> ValueError:
+    return ValueError(message)
 
 
 def state_of(success: bool, error: str | None) -> str:
@@ -270,7 +275,8 @@ else if(text.slice(0,2)==='@@'){s.className='hunk';}
 s.textContent=text+'\\n';return s;}
 function show(i){var r=byIndex[i];if(!r){return;}
 document.querySelectorAll('.node.selected').forEach(function(n){n.classList.remove('selected');});
-var node=document.querySelector('.node[data-index="'+i+'"]');if(node){node.classList.add('selected');}
+var node=document.querySelector('.node[data-index="'+i+'"]');
+if(node){node.classList.add('selected');}
 head.textContent='#'+i+' '+(r.branch||'');
 meta.innerHTML='';
 var rows=[['changes',(r.changes||[]).join('\\n')||'none'],['error',r.error||''],
@@ -285,9 +291,11 @@ else{r.diff.replace(/\\n$/,'').split('\\n').forEach(function(t){pre.appendChild(
 pre.setAttribute('data-index',String(i));}
 document.querySelectorAll('.node,.bar').forEach(function(n){
 n.addEventListener('click',function(){show(Number(n.getAttribute('data-index')));});
-n.addEventListener('keydown',function(e){if(e.key==='Enter'){show(Number(n.getAttribute('data-index')));}});});
+n.addEventListener('keydown',function(e){
+if(e.key==='Enter'){show(Number(n.getAttribute('data-index')));}});});
 var first=document.querySelector('.node');
-var w=trace.winner;if(w){show(w.index);}else if(first){show(Number(first.getAttribute('data-index')));}
+var w=trace.winner;
+if(w){show(w.index);}else if(first){show(Number(first.getAttribute('data-index')));}
 })();
 """
 
