@@ -61,10 +61,11 @@ class Browser:
                 "--no-first-run", "--disable-extensions", "--mute-audio",
                 "--remote-debugging-pipe", f"--user-data-dir={self._profile}",
                 f"--window-size={width},{height}", "about:blank"]
-        # The shell puts our pipe ends at the descriptors the protocol expects (3 and 4).
+        # bash puts our pipe ends at the descriptors the protocol expects (3 and 4); dash
+        # cannot name a descriptor above 9.
         script = f'exec "$@" 3<&{to_browser_r} 4>&{from_browser_w}'
         self._proc = subprocess.Popen(
-            ["sh", "-c", script, "chromium", *argv], pass_fds=(to_browser_r, from_browser_w),
+            ["bash", "-c", script, "chromium", *argv], pass_fds=(to_browser_r, from_browser_w),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         os.close(to_browser_r)
