@@ -246,7 +246,8 @@ cursor:pointer;border:1px solid transparent;white-space:nowrap;overflow:hidden}
 .s-failed .state{color:#c62828}.s-error .state{color:#ad1457}
 .s-timeout .state{color:#6a1b9a}.s-cancelled .state{color:#757575}
 .score,.dur{color:#333;min-width:6em}
-.verdict{color:#555;min-width:13em}
+.node>.verdict{color:#555;min-width:13em;max-width:22em;overflow:hidden;
+text-overflow:ellipsis}
 .node>span{flex:none}
 .node>.label{flex:1 1 auto;min-width:0;font-family:ui-monospace,monospace;color:#37474f;
 overflow:hidden;text-overflow:ellipsis}
