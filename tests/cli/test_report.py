@@ -229,7 +229,7 @@ def test_every_strategy_command_writes_a_report(repo: Path, tmp_path: Path,
 
 
 @pytest.mark.anyio
-async def test_outcome_to_html_from_a_library_run(tmp_path: Path) -> None:
+async def test_outcome_to_html_from_a_library_run(tmp_path: Path, backend_name: str) -> None:
     root = tmp_path / "ws"
     root.mkdir()
     (root / "f.txt").write_text("0\n")
@@ -239,7 +239,7 @@ async def test_outcome_to_html_from_a_library_run(tmp_path: Path) -> None:
         (branch.path / "f.txt").write_text(f"{i}\n</script><b>x</b>\n")
         return float(i)
 
-    async with ba.open_workspace(root, backend="copy") as ws:
+    async with ba.open_workspace(root, backend=backend_name) as ws:
         outcome = await ba.BestOfN([functools.partial(attempt, i=i) for i in range(3)]).run(ws)
     assert outcome.winner is not None
     assert outcome.winner.index == 2
