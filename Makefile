@@ -25,7 +25,7 @@ DEPS_STAMP := $(VENV)/.stamp-deps
 
 # FUSE backend: pyfuse3 is built from its sdist, against libfuse3 (found with
 # pkg-config) by a C compiler; fuse3 brings fusermount3.
-APT_PACKAGES := libfuse3-dev fuse3 pkg-config gcc libc6-dev
+APT_PACKAGES := libfuse3-dev fuse3 pkg-config gcc libc6-dev chromium
 
 # vLLM on CPU: see notes/vllm-cpu.md. Python 3.11 exactly (the CPU torch wheel is cp311).
 VLLM_VENV ?= .venv-vllm

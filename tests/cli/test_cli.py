@@ -116,7 +116,7 @@ def test_help_lists_every_command() -> None:
     r = cli("--help")
     assert r.returncode == 0
     for command in ("run", "speculate", "best-of-n", "reflexion", "tree", "beam", "status",
-                    "diff", "commit", "abort", "doctor"):
+                    "diff", "commit", "abort", "doctor", "report"):
         assert command in r.stdout
 
 
@@ -665,6 +665,9 @@ def test_live_display_on_a_terminal(repo: Path) -> None:
     assert "failed" in screen
     assert "winner: speculate-" in screen
     assert "committed candidate 0" in out  # the summary goes to stdout, not the display
+    # The live table is erased before the summary (which shows the same rows): the last
+    # thing on the terminal is the erase, so the final table is not printed twice.
+    assert screen.rstrip("\r\n").endswith("\x1b[J"), screen[-300:]
     assert (repo / "w.txt").read_text() == "w\n"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -515,3 +516,36 @@ def test_sigterm_or_sighup_stops_cleanly_with_nothing_left(
                        asker.stdout if asker is not None else None):
             if stream is not None:
                 stream.close()
+
+
+async def test_report_dir_gets_one_lineage_report_per_request(repo: Path,
+                                                              tmp_path: Path) -> None:
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    async with serving(repo, FakeUpstream(), report_dir=reports) as (client, _):
+        r = await client.post("/v1/completions", json={"prompt": "p", "n": 1, "best_of": 4,
+                                                       "commit": True})
+        assert r.status_code == 200, r.text
+        r2 = await client.post("/v1/completions", json={"prompt": "p", "n": 1, "best_of": 2})
+        assert r2.status_code == 200, r2.text
+    written = sorted(reports.iterdir())
+    assert len(written) == 2
+    path = Path(r.json()[EXTENSION]["report"])
+    assert path in written
+    page = await anyio.Path(path).read_text()
+    assert len(re.findall(r'class="node[^"]*" data-index="\d+"', page)) == 4
+    trace = json.loads(page.split('id="trace">', 1)[1].split("</script>", 1)[0])
+    by_branch = {c["branch"]: c for c in trace["results"]}
+    committed = r.json()[EXTENSION]["committed"]
+    assert trace["winner"]["branch"] == committed
+    assert "+ok 2 d" in by_branch[committed]["diff"]  # each candidate's own diff
+    assert all(c["start"] is not None and c["end"] >= c["start"] for c in trace["results"])
+    failed = [c for c in trace["results"] if not c["success"]]
+    assert failed
+    assert all(c["diff"] and "+bad" in c["diff"] for c in failed)
+
+
+def test_report_dir_must_exist(repo: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a directory"):
+        ServeConfig(upstream="http://upstream.test/v1", workspace=repo,
+                    report_dir=tmp_path / "missing")

@@ -11,6 +11,7 @@
     branchagent serve --upstream URL --verify CMD   verified best_of (OpenAI-compatible)
     branchagent status                        the workspace's branches (crash-left too)
     branchagent doctor                        what this host offers and what a run enforces
+    branchagent report TRACE.json -o report.html   the lineage report of a run (HTML)
     branchagent diff BRANCH | commit BRANCH | abort BRANCH | abort --all
 
 Common options (before or after the command): ``-w/--workspace DIR`` (default:
@@ -19,7 +20,9 @@ the workspace's state directory, else the library default: ``fuse`` where it
 can work, else ``copy``),
 ``--json`` (one JSON document on stdout; for strategies ``Outcome.to_json()``),
 ``-q/--quiet``, ``-v/--verbose``. Commands run in a branch take ``--timeout``,
-``--max-parallel``, ``--memory``, ``--pids``, ``--cpu`` and ``--no-isolate``.
+``--max-parallel``, ``--memory``, ``--pids``, ``--cpu`` and ``--no-isolate``;
+strategy commands take ``--report FILE`` (the run's lineage report, one
+self-contained HTML page; ``report`` makes the same page from a ``--json`` trace).
 
 Commands given with ``-c`` (and the lines an ``--expand`` command prints) are
 shell strings run with ``sh -c``; a command after ``--`` is an argv. A
@@ -58,11 +61,14 @@ from collections.abc import Sequence
 
 import anyio
 
+import branchagent as ba
+
 from ..exceptions import BranchAgentError, UsageError
 from ._args import parse
 from ._logs import configure_logging
 from ._progress import Progress
 from ._render import emit_json, explain, print_human, tell, unwrap
+from ._report import report, write_report
 from ._run import EXIT_INTERRUPTED, EXIT_USAGE, HOUSEKEEPING, Run, doctor, invoke, serve
 
 __all__ = ["UsageError", "main"]
@@ -75,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(args)
     if args.command == "doctor":
         return doctor(args)
+    if args.command == "report":
+        return report(args)
     live = sys.stderr.isatty() and not args.quiet and args.command not in HOUSEKEEPING
     color = sys.stderr.isatty() and "NO_COLOR" not in os.environ
     progress = Progress(sys.stderr, live=live, enabled=not args.quiet, title=args.command,
@@ -108,4 +116,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         emit_json(doc)
     else:
         print_human(args.command, doc, progress.rows)
+    path = getattr(args, "report", None)
+    if path and isinstance(doc, ba.Outcome):
+        try:
+            write_report(doc, path)
+        except OSError as exc:
+            tell(f"branchagent {args.command}: the run is done (above) but its report could "
+                 f"not be written to {path}: {exc}")
+            return EXIT_USAGE
+        if not args.quiet:
+            tell(f"report: {path}")
     return code

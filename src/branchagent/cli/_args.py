@@ -56,6 +56,12 @@ def _parallel_option(p: argparse.ArgumentParser) -> None:
                    help="at most N candidates run at once")
 
 
+def _report_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--report", metavar="FILE",
+                   help="also write the run's lineage report to FILE: one self-contained "
+                        "HTML page (tree, timeline, diffs); see `branchagent report`")
+
+
 def _cmd_argument(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     p.add_argument("cmd", nargs=argparse.REMAINDER,
                    help="-- CMD ARGS... (an argv, not a shell string)"
@@ -81,12 +87,14 @@ def parser() -> argparse.ArgumentParser:
 
     sp = add("speculate", "run every -c command at once; the first to succeed commits and "
                           "every other is killed", run=True)
+    _report_option(sp)
     sp.add_argument("-c", dest="commands", action="append", metavar="CMD", required=True,
                     help="a candidate shell command (repeat)")
     _parallel_option(sp)
 
     sp = add("best-of-n", "run CMD N times (each gets $BRANCHAGENT_ATTEMPT); the highest-"
                           "scoring success commits", run=True)
+    _report_option(sp)
     sp.add_argument("-n", type=int, required=True, metavar="N", help="number of attempts")
     sp.add_argument("--evaluate", metavar="CMD",
                     help="shell command run in each successful attempt's branch; its exit "
@@ -96,6 +104,7 @@ def parser() -> argparse.ArgumentParser:
 
     sp = add("reflexion", "run CMD; while it fails, retry with feedback in "
                           "$BRANCHAGENT_FEEDBACK; commit the first success", run=True)
+    _report_option(sp)
     sp.add_argument("--retries", type=int, required=True, metavar="N",
                     help="retries after the first attempt (N+1 attempts at most)")
     sp.add_argument("--critique", metavar="CMD",
@@ -106,6 +115,7 @@ def parser() -> argparse.ArgumentParser:
     for name, what in (("tree", "tree search"), ("beam", "beam search")):
         sp = add(name, f"{what}: --expand prints one child shell command per line in a "
                        "node's branch; candidates are run, scored and expanded", run=True)
+        _report_option(sp)
         sp.add_argument("--expand", metavar="CMD", required=True,
                         help="shell command run in a node's branch; each stdout line "
                              "(blank and # lines skipped) is a child command")
@@ -133,6 +143,12 @@ def parser() -> argparse.ArgumentParser:
                       "branchagent.serve)")
     from ..serve._main import add_arguments as _serve_arguments
     _serve_arguments(sp)
+
+    sp = add("report", "turn a strategy run's JSON trace (--json, Outcome.to_json()) into one "
+                       "self-contained HTML page: the tree of branches, a timeline, diffs")
+    sp.add_argument("trace", metavar="TRACE.json", help="the trace (a strategy's --json)")
+    sp.add_argument("-o", "--output", metavar="FILE",
+                    help="the HTML file to write (default: TRACE with .html)")
 
     add("status", "list the workspace's branches (those a crashed run left too)")
     add("doctor", "what this host offers (FUSE, namespaces, cgroups, reflinks on -w's "
@@ -178,4 +194,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
             fail(f"--{opt} must be a positive number, got {value}")
     if args.command == "abort" and bool(args.branch) == bool(args.all):
         fail("name one BRANCH, or give --all")
+    if getattr(args, "report", None):
+        from ._report import check_report_path
+
+        problem = check_report_path(args.report)
+        if problem is not None:
+            fail(problem)
     return args

@@ -253,10 +253,16 @@ class Progress:
             else:
                 self._write(text.rstrip("\n") + "\n")
 
-    def close(self) -> None:
-        """Final redraw; later calls print nothing more in place."""
+    def close(self, *, erase: bool = False) -> None:
+        """Final redraw (``erase``: remove the live table instead, for a summary that shows
+        the same rows); later calls print nothing more in place."""
         with self._lock:
-            self.redraw()
+            if erase and self.live and not self._closed:
+                if self._drawn:
+                    self._write(self._erase())
+                self._drawn = 0
+            else:
+                self.redraw()
             self._closed = True
 
     def _write(self, text: str) -> None:

@@ -19,6 +19,7 @@ from ..exceptions import (
     UsageError,
     WorkspaceLocked,
 )
+from ..strategy._report import children_of, verdict_of, winner_path
 from ._progress import Row, fmt_score, state_of
 
 __all__ = ["emit_json", "explain", "print_human", "tell", "unwrap"]
@@ -63,30 +64,32 @@ def _print_outcome(outcome: ba.Outcome, rows: Mapping[str, Row]) -> None:
     else:
         head += "nothing committed: no candidate succeeded"
     print(f"{head} in {outcome.duration:.2f} s")
-    for r in outcome.results:
+    by_index = {r.index: r for r in outcome.results}
+    kids = children_of([{"index": r.index, "parent": r.parent} for r in outcome.results])
+    on_path = set(winner_path(outcome.to_dict())) if w is not None else set()
+
+    def show(index: int, level: int) -> None:
+        r = by_index[index]
         row = rows.get(r.branch or "")
         state = state_of(r.success, r.error)
-        if (w is not None and r.index == w.index) or (row is not None
-                                                       and row.state == "committed"):
+        if index in on_path or (row is not None and row.state == "committed"):
             state = "committed"  # the winner, or a node on its path (tree, beam)
-        info = r.info
-        note = ""
-        if r.error and state == "error":
-            note = r.error.splitlines()[0][:100]
-        elif info.get("killed"):
-            note = f"killed: {info['killed']}"
-        elif "returncode" in info and state == "failed":
-            note = f"exit {info['returncode']}"
+        # A failed node says what failed (the candidate's exit, the evaluation, ...).
+        note = "" if r.success else verdict_of({"success": r.success, "error": r.error,
+                                               "info": r.info})
         score = f"score {fmt_score(r.score)}" if r.score is not None else ""
-        argv = info.get("argv")
+        argv = r.info.get("argv")
         label = row.label if row is not None else ""
         if not label and isinstance(argv, list):
             label = shlex.join(str(a) for a in argv)
-        depth = r.to_dict().get("depth") or 0
-        indent = "  " * depth if isinstance(depth, int) else ""
-        line = (f"  {indent}#{r.index:<3} {state:<10} {r.duration:7.2f}s  {score:<12} "
-                f"{note:<14} {label}")
+        tail = f"{note}  | {label}" if note and label else note or label
+        line = f"  {'  ' * level}#{r.index:<3} {state:<10} {r.duration:7.2f}s  {score:<12} {tail}"
         print(line.rstrip())
+        for child in kids.get(index, []):
+            show(child, level + 1)
+
+    for root in kids.get(None, []):
+        show(root, 0)
 
 
 def print_human(command: str, doc: Any, rows: Mapping[str, Row]) -> None:

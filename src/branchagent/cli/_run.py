@@ -213,7 +213,9 @@ async def invoke(run: Run) -> tuple[int, Any]:
                 except Exception as exc:
                     result = exc
             tg.cancel_scope.cancel()
-    run.progress.close()
+    # The summary printed next shows every row again: the live table goes, not twice.
+    run.progress.close(erase=not run.args.json and isinstance(result, tuple)
+                       and isinstance(result[1], ba.Outcome))
     if isinstance(result, BaseException):
         raise result
     return result

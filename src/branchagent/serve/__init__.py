@@ -4,7 +4,7 @@
 
     branchagent serve --upstream http://127.0.0.1:8000/v1 -w REPO --verify 'pytest -q' \\
         [--apply auto|diff|code|command|file:PATH] [--best-of 4] [--max-concurrent 4] \\
-        [--host 127.0.0.1] [--port 8100] [--backend copy]
+        [--host 127.0.0.1] [--port 8100] [--backend copy] [--report-dir DIR]
 
 (install with ``pip install 'branchagent[serve]'``: starlette, uvicorn, httpx).
 
@@ -34,7 +34,10 @@ The extension field. Each returned choice carries::
 
 and the response's top level ``response["branchagent"] = {"best_of", "n",
 "verified", "returned", "committed" (the branch name or null), "scorer",
-"candidates": [the same record for every upstream candidate, verified or not]}``.
+"candidates": [the same record for every upstream candidate, verified or not]}``
+(and ``"report"``: the path of the request's lineage report, with ``--report-dir DIR``:
+one self-contained HTML file per request, every candidate with its verdict,
+timing and diff; see :meth:`branchagent.Outcome.to_html`).
 ``error`` says why a candidate failed to apply (``"ApplyError: ..."``) or was
 killed. ``best_of`` and ``commit`` are not sent upstream.
 

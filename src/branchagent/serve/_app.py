@@ -25,7 +25,7 @@ from .._branch import Branch
 from .._limits import Limits
 from .._rwlock import RWLock
 from .._workspace import Workspace, open_workspace
-from ..exceptions import ServeError
+from ..exceptions import BranchAgentError, ServeError
 from ..llm import (
     Apply,
     ApplyError,
@@ -39,6 +39,8 @@ from ..llm import (
 )
 from ..llm._solve import _apply
 from ..strategy import Command, run_candidate
+from ..strategy._arena import _bounded as bounded_diff
+from ..strategy._report import render_report
 
 __all__ = ["APPLY_MODES", "EXTENSION", "ServeConfig", "ServeError", "create_app", "resolve_apply"]
 
@@ -99,6 +101,9 @@ class ServeConfig:
     ``best_of`` the default number of upstream candidates; ``score`` the
     logprob scorer that breaks ties between equally verified candidates.
     ``transport`` replaces the HTTP transport to upstream (tests).
+    ``report_dir``: write each completion request's lineage report there (one
+    self-contained HTML file per request: every candidate, its verdict, its
+    diff; see :meth:`branchagent.Outcome.to_html`).
     """
 
     upstream: str
@@ -114,8 +119,12 @@ class ServeConfig:
     score: str = "mean_logprob"
     model: str | None = None
     transport: httpx.AsyncBaseTransport | None = None
+    report_dir: Path | None = None
 
     def __attrs_post_init__(self) -> None:
+        if self.report_dir is not None and not Path(self.report_dir).is_dir():
+            raise ValueError(f"report_dir {self.report_dir} is not a directory; create it "
+                             "first (mkdir -p) or give another --report-dir")
         if self.best_of < 1:
             raise ValueError(f"best_of must be at least 1, got {self.best_of}")
         if self.max_concurrent < 1:
@@ -135,6 +144,9 @@ class _Trial:
     changes: list[str] = attrs.Factory(list)
     error: str | None = None
     duration: float = 0.0
+    started: float | None = None
+    ended: float | None = None
+    diff: str | None = None
 
     def extension(self) -> dict[str, Any]:
         return {
@@ -202,7 +214,7 @@ class _Server:
     # -- one candidate -----------------------------------------------------------------------
 
     async def trial(self, ws: Workspace, t: _Trial, keep: set[str]) -> None:
-        started = time.monotonic()
+        started = t.started = time.monotonic()
         branch = await ws.fork()
         t.branch = branch.name
         try:
@@ -226,6 +238,8 @@ class _Server:
                     if not verdict.success and verdict.info.get("killed"):
                         t.error = f"killed: {verdict.info['killed']}"
                 t.changes = [c.path for c in await branch.changes()]
+                if self.config.report_dir is not None:
+                    t.diff = await _diff_of(branch) if t.changes else ""
             except Exception as exc:
                 raise ServeError(500, f"verifying candidate {t.completion.index} crashed: "
                                       f"{type(exc).__name__}: {exc}",
@@ -233,7 +247,8 @@ class _Server:
             if t.verified:
                 keep.add(branch.name)
         finally:
-            t.duration = time.monotonic() - started
+            t.ended = time.monotonic()
+            t.duration = t.ended - started
             if branch.name not in keep:
                 with anyio.CancelScope(shield=True):
                     await branch.abort()
@@ -282,6 +297,7 @@ class _Server:
         if upstream_body.get("model") is None:
             upstream_body["model"] = await self.default_model()
         path = "/chat/completions" if chat else "/completions"
+        request_started = time.monotonic()
         async with self.semaphore:
             doc = await self.upstream("POST", path, upstream_body)
             try:
@@ -341,7 +357,24 @@ class _Server:
             "committed": committed, "scorer": getattr(self.scorer, "__name__", str(self.scorer)),
             "candidates": [t.extension() for t in trials],
         }
+        if self.config.report_dir is not None:
+            doc[EXTENSION]["report"] = await self.write_report(
+                trials, chosen, committed, request_started)
         return doc
+
+    async def write_report(self, trials: list[_Trial], chosen: list[_Trial],
+                           committed: str | None, t0: float) -> str | None:
+        """Write this request's lineage report into ``report_dir``; its path (None: failed)."""
+        assert self.config.report_dir is not None
+        trace = _trace(trials, chosen, committed, t0)
+        name = f"serve-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.html"
+        path = Path(self.config.report_dir) / name
+        try:
+            await anyio.to_thread.run_sync(path.write_text, render_report(trace), "utf-8")
+        except OSError as exc:  # the answer matters more than its report
+            self.log.warning("serve_report_failed", path=str(path), error=str(exc))
+            return None
+        return str(path)
 
     async def default_model(self) -> str:
         if self.config.model is not None:
@@ -351,6 +384,37 @@ class _Server:
         if not isinstance(data, list) or not data or not isinstance(data[0], dict):
             raise ServeError(502, "the upstream server lists no model", "upstream_error")
         return str(data[0].get("id"))
+
+
+async def _diff_of(branch: Branch) -> str | None:
+    try:
+        return bounded_diff(await branch.diff())
+    except (BranchAgentError, OSError, UnicodeError):
+        return None
+
+
+def _trace(trials: list[_Trial], chosen: list[_Trial], committed: str | None,
+           t0: float) -> dict[str, Any]:
+    """One request's candidates as an outcome dict (``Outcome.to_dict``'s shape)."""
+    results = []
+    for i, t in enumerate(trials):
+        info: dict[str, Any] = {"returncode": t.returncode, "logprob": t.logprob,
+                                "upstream_index": t.completion.index,
+                                "completion": t.completion.text[-4000:],
+                                "chosen": any(t is c for c in chosen)}
+        results.append({
+            "index": i, "parent": None, "depth": 0, "success": t.verified, "score": t.score,
+            "duration": t.duration,
+            "start": None if t.started is None else t.started - t0,
+            "end": None if t.ended is None else t.ended - t0,
+            "error": t.error, "branch": t.branch, "changes": list(t.changes),
+            "info": info, "diff": t.diff,
+        })
+    winner = next((r for r, t in zip(results, trials, strict=True)
+                   if committed is not None and t.branch == committed), None)
+    return {"strategy": "serve best_of", "committed": winner is not None, "winner": winner,
+            "results": results, "merged": [], "duration": time.monotonic() - t0,
+            "timed_out": False, "info": {"chosen": [trials.index(c) for c in chosen]}}
 
 
 def _positive(body: Mapping[str, Any], name: str, default: int) -> int:

@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-isolate", action="store_true",
                    help="run verifications with the branch as cwd instead of in private "
                         "namespaces")
+    p.add_argument("--report-dir", metavar="DIR",
+                   help="write each request's lineage report (one HTML file: every "
+                        "candidate, its verdict and diff) into DIR")
 
 
 def config_from_args(args: argparse.Namespace, workspace: Path, backend: str) -> ServeConfig:
@@ -60,6 +63,7 @@ def config_from_args(args: argparse.Namespace, workspace: Path, backend: str) ->
         backend=backend, best_of=args.best_of, max_concurrent=args.max_concurrent,
         upstream_timeout=args.upstream_timeout, verify_timeout=args.verify_timeout,
         isolate=not args.no_isolate, score=args.score, model=args.model,
+        report_dir=Path(args.report_dir) if getattr(args, "report_dir", None) else None,
     )
 
 

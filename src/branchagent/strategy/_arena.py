@@ -31,6 +31,17 @@ log = structlog.get_logger("branchagent.strategy")
 
 _CLEANUP_TIMEOUT = 60.0
 
+#: Most characters of a node's diff kept in its :class:`Result` (for the report);
+#: a longer diff is cut there, with a last line saying so.
+DIFF_LIMIT = 32_000
+
+
+def _bounded(diff: str, limit: int = DIFF_LIMIT) -> str:
+    if len(diff) <= limit:
+        return diff
+    cut = diff.rfind("\n", 0, limit) + 1 or limit
+    return diff[:cut] + f"... (diff cut at {cut} of {len(diff)} characters)\n"
+
 
 @attrs.define
 class Trial:
@@ -55,6 +66,7 @@ class Trial:
     info: dict[str, Any] = attrs.field(factory=dict)
     parent: int | None = None
     depth: int = 0
+    diff: str | None = None
 
     @property
     def success(self) -> bool:
@@ -72,13 +84,20 @@ class Trial:
         end = self.finished if self.finished is not None else time.monotonic()
         return end - self.started
 
-    def result(self) -> Result:
+    def result(self, t0: float | None = None) -> Result:
+        """This trial as a :class:`Result`; ``t0`` (a ``time.monotonic()`` reading, the
+        run's start) turns ``started``/``finished`` into the result's offsets."""
         info: dict[str, Any] = dict(self.verdict.info) if self.verdict is not None else {}
         info.update(self.info)
+        start = end = None
+        if t0 is not None and self.started is not None:
+            start = self.started - t0
+            end = (self.finished if self.finished is not None else time.monotonic()) - t0
         return Result(
             index=self.index, success=self.success, score=self.score, duration=self.duration,
             error=self.error, branch=self.branch.name if self.branch is not None else None,
             changes=self.changes, info=info, parent=self.parent, depth=self.depth,
+            start=start, end=end, diff=self.diff,
         )
 
 
@@ -262,6 +281,8 @@ class Arena:
                     trial.changes = tuple(c.path for c in await branch.changes())
                 except (BranchAgentError, OSError) as exc:
                     trial.info["changes_error"] = describe_error(exc)
+                else:
+                    trial.diff = await _diff_of(branch) if trial.changes else ""
             trial.done = True
 
     async def _fork(self, trial: Trial) -> Branch:
@@ -437,14 +458,24 @@ class Arena:
 
         ``merged`` names the trials whose changes the committed trial combines.
         """
-        winner = self.committed.result() if self.committed is not None else None
+        winner = self.committed.result(self.started) if self.committed is not None else None
         return Outcome(
             committed=winner is not None, winner=winner,
-            results=tuple(t.result() for t in self.trials), strategy=self.strategy,
+            results=tuple(t.result(self.started) for t in self.trials),
+            strategy=self.strategy,
             duration=time.monotonic() - self.started, timed_out=self.timed_out,
             info=dict(info) if info is not None else {},
             merged=tuple(t.index for t in merged),
         )
+
+
+async def _diff_of(branch: Branch) -> str | None:
+    """``branch``'s diff, cut to :data:`DIFF_LIMIT` (``None`` if it cannot be had)."""
+    try:
+        return _bounded(await branch.diff())
+    except (BranchAgentError, OSError, UnicodeError) as exc:
+        log.debug("diff_failed", branch=branch.name, error=describe_error(exc))
+        return None
 
 
 def _parent_of(target: Target) -> Branch | None:

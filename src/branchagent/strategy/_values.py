@@ -130,6 +130,11 @@ class Result:
     (``None`` for a child of the strategy's target) and ``depth`` its
     distance from the target's children (``0`` for them), so the results
     carry the whole tree.
+
+    ``start`` and ``end`` are seconds from the strategy run's start to the
+    candidate's start and end (``None``: it never started), so a report can
+    show which candidates ran at the same time. ``diff`` is the unified diff
+    of its branch when it ended, cut to a bounded size (``None``: unknown).
     """
 
     index: int
@@ -142,6 +147,9 @@ class Result:
     info: Mapping[str, Any] = attrs.field(factory=dict)
     parent: int | None = None
     depth: int = 0
+    start: float | None = None
+    end: float | None = None
+    diff: str | None = attrs.field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -152,10 +160,13 @@ class Result:
             "success": self.success,
             "score": _jsonable(self.score),
             "duration": self.duration,
+            "start": self.start,
+            "end": self.end,
             "error": self.error,
             "branch": self.branch,
             "changes": list(self.changes),
             "info": _jsonable(self.info),
+            "diff": self.diff,
         }
 
 
@@ -207,6 +218,19 @@ class Outcome:
     def to_json(self, *, indent: int | None = None) -> str:
         """The outcome as JSON text (``info`` values JSON cannot hold become strings)."""
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    def to_html(self, *, title: str | None = None) -> str:
+        """A self-contained HTML report of the run (no network: inline CSS, JS and SVG).
+
+        It draws the tree of candidates parent to child with each one's state,
+        score, duration and verdict, the winner's path highlighted, a timeline
+        of which candidates ran at the same time, and each one's diff on
+        click. ``branchagent report TRACE.json`` makes the same page from
+        :meth:`to_json`'s text.
+        """
+        from ._report import render_report
+
+        return render_report(self.to_dict(), title=title)
 
 
 def _jsonable(value: object) -> Any:
