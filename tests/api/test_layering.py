@@ -40,6 +40,7 @@ ROOT = "branchagent"
 #: Lowest first. A module may import its own layer and those below it, never one above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("values", (
+        "branchagent._log",
         "branchagent.exceptions",
         "branchagent._limits",
         "branchagent._events",
