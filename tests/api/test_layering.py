@@ -41,6 +41,7 @@ ROOT = "branchagent"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("values", (
         "branchagent._log",
+        "branchagent._extras",
         "branchagent.exceptions",
         "branchagent._limits",
         "branchagent._events",
@@ -66,7 +67,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("built-in strategies", ("branchagent_strategies",)),
     ("facade", (ROOT,)),
     ("serve", ("branchagent.serve",)),
-    ("cli", ("branchagent.cli",)),
+    ("cli", ("branchagent.cli", "branchagent.__main__")),
     # The conformance suite: it drives the whole public API, and no shipped module may
     # import it (it needs hypothesis, a test-only dependency).
     ("testing", ("branchagent.testing",)),
