@@ -190,8 +190,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         known = available_backends()
         if args.backend not in known:
             p.error(f"--backend {args.backend}: no such backend; the registered ones are "
-                    f"{', '.join(known)} (a plugin registers more under the "
-                    "'branchagent.backends' entry-point group)")
+                    f"{', '.join(known)}; --backend copy works anywhere (a plugin registers "
+                    "more under the 'branchagent.backends' entry-point group)")
     if args.command == "abort" and bool(args.branch) == bool(args.all):
         fail("name one BRANCH, or give --all")
     return args
