@@ -27,7 +27,7 @@ DEPS_STAMP := $(VENV)/.stamp-deps
 # pkg-config) by a C compiler; fuse3 brings fusermount3.
 APT_PACKAGES := libfuse3-dev fuse3 pkg-config gcc libc6-dev
 
-# vLLM on CPU: see notes/vllm-cpu.md. Python 3.11 exactly (the CPU torch wheel is cp311).
+# vLLM on CPU: see docs/llm.md ("Running it here"). Python 3.11 exactly (the CPU torch wheel is cp311).
 VLLM_VENV ?= .venv-vllm
 VLLM_VERSION := 0.32.0
 VLLM_PYTHON ?= python3.11
@@ -100,9 +100,11 @@ typecheck: setup
 	$(TIMED) "mypy --strict" $(VENV)/bin/mypy --strict $$files
 
 # Not --quiet: with it, mkdocs 1.6 no longer counts warnings, and --strict passes anyway.
+# Then every internal link of the built site must resolve (scripts/check_links.py).
 docs: setup
 	@NO_MKDOCS_2_WARNING=1 $(TIMED) "mkdocs build --strict" \
 		$(VENV)/bin/mkdocs build --strict
+	@$(TIMED) "link check" $(PY) scripts/check_links.py site
 
 docs-serve: setup
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
