@@ -129,8 +129,8 @@ pytest-pythons: setup
 
 vllm: $(VLLM_STAMP)
 
-# Exactly the recipe in docs/llm.md ("Installing vLLM"), plus branchagent itself (editable) and the test
-# dependencies, so tests/llm/test_llm_vllm.py runs in one venv that has both. The
+# Exactly the recipe in docs/llm.md ("Installing vLLM"), plus branchagent itself
+# (editable) and the test dependencies, so tests/llm/test_llm_vllm.py runs in one venv that has both. The
 # uninstall must come after every other pip install into that venv (the three
 # CUDA-linked packages break `import vllm`). Every step is idempotent, so the
 # recipe simply runs again when pyproject.toml changes.
