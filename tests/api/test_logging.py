@@ -19,7 +19,8 @@ from branchagent._log import get_logger
 ROOT = Path(__file__).resolve().parents[2]
 ENV_PATH = f"{ROOT / 'src'}:{ROOT / 'strategies'}"
 
-#: A few operations on a copy-backend workspace; each one logs at info or debug.
+#: A few operations on a copy-backend workspace, and a 3-candidate BestOfN; each logs at
+#: info or debug.
 WORK = """
 import pathlib
 import anyio
@@ -31,6 +32,8 @@ async def work(path):
         b = await ws.fork("one")
         (b.path / "f.txt").write_text("x\\n")
         await b.commit()
+        outcome = await ba.BestOfN([lambda b: 1.0, lambda b: 2.0, lambda b: 3.0]).run(ws)
+        assert outcome.committed
 
 anyio.run(work, pathlib.Path({path!r}))
 print("done")
@@ -62,6 +65,13 @@ def test_readme_example_prints_only_its_own_output(tmp_path: Path) -> None:
     assert lines[0] == "0 fixed None"
     assert lines[1].startswith("[Change(path='app.py'"), lines[1]
     # Nothing on stderr either: no handler is configured, so nothing is shown.
+    assert proc.stderr == ""
+
+
+def test_unconfigured_library_prints_nothing(tmp_path: Path) -> None:
+    proc = _python(WORK.format(path=str(tmp_path / "ws")), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "done\n"
     assert proc.stderr == ""
 
 
