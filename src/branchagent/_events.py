@@ -33,11 +33,12 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import attrs
-import structlog
+
+from ._log import get_logger
 
 __all__ = ["Event", "emit", "observe"]
 
-log = structlog.get_logger("branchagent.events")
+log = get_logger("branchagent.events")
 
 
 @attrs.frozen(kw_only=True)

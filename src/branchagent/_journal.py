@@ -34,16 +34,16 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import attrs
-import structlog
 
 from ._branch import EntryType
+from ._log import get_logger
 from ._manifest import Entry, parent_of
 from .exceptions import CommitFailed, PathEscapeError, WorkspaceCorrupt
 
 __all__ = ["Op", "OpKind", "apply", "build_plan", "fault", "recover", "remove_tree",
            "write_durable"]
 
-log = structlog.get_logger("branchagent.journal")
+log = get_logger("branchagent.journal")
 
 #: Test hook: called as ``FAULT_HOOK(step)`` between journal steps. A crash
 #: test sets it to something that kills the process at a chosen step.

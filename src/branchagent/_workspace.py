@@ -17,7 +17,6 @@ import anyio
 import anyio.to_thread
 import attrs
 import sniffio
-import structlog
 
 from ._backends import default_backend, load_backend
 from ._branch import (
@@ -33,6 +32,7 @@ from ._diff import render_diff
 from ._doctor import log_host_capabilities
 from ._events import emit
 from ._limits import Limits, parse_size
+from ._log import get_logger
 from ._protocols import RunOptions, check_run_options
 from ._rwlock import RWLock
 from ._sandbox._cgroup import RunCgroup
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Workspace", "WorkspaceBranch", "open_workspace"]
 
-log = structlog.get_logger("branchagent")
+log = get_logger("branchagent")
 
 _CLOSE_TIMEOUT = 60.0
 

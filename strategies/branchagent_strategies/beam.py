@@ -6,7 +6,6 @@ from typing import Any
 
 import anyio
 import attrs
-import structlog
 
 from branchagent.strategy import (
     AfterHook,
@@ -18,6 +17,7 @@ from branchagent.strategy import (
     Target,
     Trial,
     describe_error,
+    get_logger,
     pick_best,
     rank_key,
     to_candidates,
@@ -28,7 +28,7 @@ from ._search import Expand, judge_with, propose, viable
 
 __all__ = ["Beam"]
 
-log = structlog.get_logger("branchagent.strategy")
+log = get_logger("branchagent.strategy")
 
 
 @attrs.define(kw_only=True, eq=False)

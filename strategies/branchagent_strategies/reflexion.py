@@ -7,7 +7,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
 
 import attrs
-import structlog
 
 from branchagent.exceptions import CandidateError
 from branchagent.strategy import (
@@ -26,13 +25,14 @@ from branchagent.strategy import (
     VerdictLike,
     call,
     describe_error,
+    get_logger,
 )
 
 from ._tasks import bind, describe_failure, env_text
 
 __all__ = ["Critique", "Reflexion", "ReflexionTask"]
 
-log = structlog.get_logger("branchagent.strategy")
+log = get_logger("branchagent.strategy")
 
 ReflexionTask: TypeAlias = (
     Callable[[Branch, str | None], Awaitable[VerdictLike | Outcome] | VerdictLike | Outcome]

@@ -38,7 +38,6 @@ from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import attrs
-import structlog
 
 from branchagent.strategy import (
     Arena,
@@ -52,6 +51,7 @@ from branchagent.strategy import (
     Verdict,
     deadline_after,
     describe_error,
+    get_logger,
     open_arena,
 )
 
@@ -63,7 +63,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Propose", "SpeculativeExecution", "llm_proposer"]
 
-log = structlog.get_logger("branchagent.strategy")
+log = get_logger("branchagent.strategy")
 
 Propose: TypeAlias = Callable[
     [Branch, int], Awaitable[Iterable[Candidate]] | Iterable[Candidate]

@@ -9,7 +9,6 @@ from typing import Any, TypeAlias
 
 import anyio
 import attrs
-import structlog
 
 from branchagent.exceptions import StrategyError
 from branchagent.strategy import (
@@ -23,6 +22,7 @@ from branchagent.strategy import (
     call,
     check_timeout,
     describe_error,
+    get_logger,
     to_candidates,
 )
 
@@ -30,7 +30,7 @@ from ._options import callable_as
 
 __all__ = ["Judge", "Tournament"]
 
-log = structlog.get_logger("branchagent.strategy")
+log = get_logger("branchagent.strategy")
 
 Judge: TypeAlias = Callable[[Branch, Branch], Awaitable[int | Branch] | int | Branch]
 """``judge(branch_a, branch_b)`` (async or sync) returning ``0``, ``1`` or the winning branch."""

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import Any, Literal, TypeAlias
 
 import attrs
-import structlog
 
 from branchagent.strategy import (
     Arena,
@@ -20,6 +19,7 @@ from branchagent.strategy import (
     Target,
     Trial,
     describe_error,
+    get_logger,
     pick_best,
     to_candidates,
 )
@@ -29,7 +29,7 @@ from ._search import Expand, judge_with, propose, state_key, viable
 
 __all__ = ["Policy", "TreeSearch"]
 
-log = structlog.get_logger("branchagent.strategy")
+log = get_logger("branchagent.strategy")
 
 Policy: TypeAlias = Literal["best-first", "mcts"]
 _POLICIES = ("best-first", "mcts")

@@ -40,6 +40,8 @@ ROOT = "branchagent"
 #: Lowest first. A module may import its own layer and those below it, never one above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("values", (
+        "branchagent._log",
+        "branchagent._extras",
         "branchagent.exceptions",
         "branchagent._limits",
         "branchagent._events",
@@ -65,7 +67,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("built-in strategies", ("branchagent_strategies",)),
     ("facade", (ROOT,)),
     ("serve", ("branchagent.serve",)),
-    ("cli", ("branchagent.cli",)),
+    ("cli", ("branchagent.cli", "branchagent.__main__")),
     # The conformance suite: it drives the whole public API, and no shipped module may
     # import it (it needs hypothesis, a test-only dependency).
     ("testing", ("branchagent.testing",)),

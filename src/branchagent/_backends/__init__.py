@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
-import structlog
-
 from .._branch import Backend
+from .._log import get_logger
 from ..exceptions import BackendNotFound, BackendUnavailable
 
 __all__ = ["available_backends", "default_backend", "load_backend"]
 
-log = structlog.get_logger("branchagent.workspace")
+log = get_logger("branchagent.workspace")
 
 GROUP = "branchagent.backends"
 

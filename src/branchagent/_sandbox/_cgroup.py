@@ -60,13 +60,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import attrs
-import structlog
 
 from .._limits import Limits
+from .._log import get_logger
 
 __all__ = ["CgroupFs", "CgroupHost", "RunCgroup", "describe_host", "detect", "host"]
 
-log = structlog.get_logger("branchagent.sandbox")
+log = get_logger("branchagent.sandbox")
 
 _JOIN = 'while [ "$1" != "--" ]; do echo $$ > "$1" || exit 126; shift; done; shift; exec "$@"'
 _CPU_PERIOD_US = 100_000

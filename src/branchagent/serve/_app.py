@@ -15,7 +15,6 @@ from typing import Any
 import anyio
 import attrs
 import httpx
-import structlog
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -23,6 +22,7 @@ from starlette.routing import Route
 
 from .._branch import Branch
 from .._limits import Limits
+from .._log import get_logger
 from .._rwlock import RWLock
 from .._workspace import Workspace, open_workspace
 from ..exceptions import BranchAgentError, ServeError
@@ -179,7 +179,7 @@ class _Server:
         self.lock = RWLock(writers_first=True)
         self.ws: Workspace | None = None
         self.client: httpx.AsyncClient | None = None
-        self.log = structlog.get_logger("branchagent.serve")
+        self.log = get_logger("branchagent.serve")
 
     # -- upstream --------------------------------------------------------------------------
 
@@ -446,7 +446,7 @@ def create_app(config: ServeConfig) -> Starlette:
     and closed (every branch aborted, every process killed) when it ends.
     """
     server = _Server(config)
-    req_log = structlog.get_logger("branchagent.serve.access")
+    req_log = get_logger("branchagent.serve.access")
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from .._log import get_logger
+
 if TYPE_CHECKING:
     from ._app import ServeConfig
 
@@ -131,7 +133,7 @@ def serve(args: argparse.Namespace, workspace: Path, backend: str) -> int:
     # killed). A signal before the server runs stops it as soon as it has started.
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, stop)
-    log = structlog.get_logger("branchagent.serve")
+    log = get_logger("branchagent.serve")
     log.warning("serve_starting", host=args.host, port=args.port, **config_summary(config))
     server.run()
     if not server.started:

@@ -44,7 +44,9 @@ The kit, the same one the built-in strategies use:
 - what a strategy works on: :class:`~branchagent.Branch` and
   :class:`~branchagent.BranchState` (the same classes as ``branchagent``'s);
 - the registry: :func:`get_strategy`, :func:`available_strategies`,
-  :data:`GROUP` (the ``branchagent.strategies`` entry-point group).
+  :data:`GROUP` (the ``branchagent.strategies`` entry-point group);
+- :func:`get_logger`: the library's logger (silent until the application
+  configures :mod:`logging` or structlog).
 
 See the "Writing a strategy" page of the documentation for a walk-through.
 """
@@ -52,6 +54,7 @@ See the "Writing a strategy" page of the documentation for a walk-through.
 from __future__ import annotations
 
 from .._branch import Branch, BranchState
+from .._log import get_logger
 from ._arena import AfterHook, Arena, StopRule, Trial, open_arena, pick_best, rank_key
 from ._base import Strategy, to_candidates
 from ._candidates import (
@@ -108,6 +111,7 @@ __all__ = [
     "deadline_after",
     "describe_error",
     "from_outcome",
+    "get_logger",
     "get_strategy",
     "is_async_callable",
     "open_arena",

@@ -19,6 +19,7 @@ import structlog.contextvars
 
 from .._branch import Branch, BranchState
 from .._events import emit
+from .._log import get_logger
 from ..exceptions import BranchAgentError, BranchExists, StrategyError
 from ._candidates import Candidate, Target
 from ._executor import Executor, LocalExecutor
@@ -27,7 +28,7 @@ from ._values import Outcome, Result, Verdict, best, describe_error
 
 __all__ = ["AfterHook", "Arena", "StopRule", "Trial", "open_arena", "pick_best", "rank_key"]
 
-log = structlog.get_logger("branchagent.strategy")
+log = get_logger("branchagent.strategy")
 
 _CLEANUP_TIMEOUT = 60.0
 

@@ -22,18 +22,18 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-import structlog
 from anyio.abc import Process
 
 from ... import _journal
 from ..._branch import Change, Usage
+from ..._log import get_logger
 from ..._protocols import SavedBranches
 from ...exceptions import BackendError, BackendUnavailable, BranchNotFound, WorkspaceClosed
 from ._protocol import change_from_json, encode, error_from_json
 
 __all__ = ["FuseBackend"]
 
-log = structlog.get_logger("branchagent.fuse")
+log = get_logger("branchagent.fuse")
 
 _INSTALL = ("pip install 'branchagent[fuse]' (it builds pyfuse3 against libfuse3: "
             "apt-get install fuse3 libfuse3-dev pkg-config)")
