@@ -56,8 +56,8 @@ answers a request with, as an OpenAI-shaped JSON body and an HTTP status.
 ``InvalidWorkspace``, ``InvalidLimits`` and ``InvalidCandidates`` refuse bad input at
 the door (a path that cannot be a workspace, a ``Limits`` field of the wrong type or
 value, candidates that are not a non-empty collection of candidates), before anything
-is created; each message names the problem and its fix. ``WorkspaceAlreadyOpen``: this process already has the
-workspace open (the message says where it was opened).
+is created; each message names the problem and its fix. ``WorkspaceAlreadyOpen``: this
+process already has the workspace open (the message says where it was opened).
 ``UsageError``: the ``branchagent`` command was used wrongly, or the host
 lacks what it needs; it exits 2 with a message that says what to do.
 """
