@@ -59,6 +59,11 @@ def workspace_path(args: argparse.Namespace) -> Path:
     path = Path(os.path.realpath(args.workspace))
     if not path.is_dir():
         raise UsageError(f"workspace {path} is not a directory; give one with -w DIR")
+    if path == path.parent:
+        given = "-w /" if args.workspace not in (None, ".") else "the current directory"
+        raise UsageError(f"the workspace would be {path} ({given}): branchagent cannot make "
+                         "the whole filesystem a workspace; cd into a project directory, or "
+                         "give one with -w DIR")
     return path
 
 
