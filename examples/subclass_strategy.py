@@ -19,7 +19,7 @@ import anyio
 import attrs
 
 import branchagent as ba
-from branchagent.strategy import Target, to_candidates
+from branchagent.strategy import Target, to_candidates_or_empty
 
 
 @attrs.define(kw_only=True, eq=False)
@@ -30,7 +30,7 @@ class WideningBestOfN(ba.BestOfN):
     ``executor``, ...) is inherited, and the fallback round keeps them.
     """
 
-    fallback: tuple[ba.Candidate, ...] = attrs.field(default=(), converter=to_candidates)
+    fallback: tuple[ba.Candidate, ...] = attrs.field(default=(), converter=to_candidates_or_empty)
     rounds: list[ba.Outcome] = attrs.field(factory=list, init=False)
 
     async def run(self, target: Target) -> ba.Outcome:

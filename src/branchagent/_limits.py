@@ -7,6 +7,8 @@ from typing import Any
 
 import attrs
 
+from .exceptions import InvalidLimits
+
 __all__ = ["Limits", "parse_size"]
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -35,13 +37,11 @@ def parse_size(value: int | str | None) -> int | None:
 
 
 def _field_size(field: str, value: int | str | None) -> int | None:
-    """:func:`parse_size`, with errors naming ``Limits.<field>``."""
+    """:func:`parse_size`, with errors naming ``Limits.<field>`` (:class:`InvalidLimits`)."""
     try:
         return parse_size(value)
-    except TypeError as exc:
-        raise TypeError(f"Limits.{field}: {exc}") from None
-    except ValueError as exc:
-        raise ValueError(f"Limits.{field}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise InvalidLimits(f"Limits.{field}: {exc}; or None for no limit") from None
 
 
 # (Named functions, not a factory: the attrs plugin of mypy reads converters' types.)
@@ -61,9 +61,28 @@ def _positive_or_none(_inst: object, attr: attrs.Attribute[Any], value: Any) -> 
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"Limits.{attr.name} must be a number, got {value!r}")
+        raise InvalidLimits(f"Limits.{attr.name} must be a number, got {value!r}; "
+                            "pass a positive number, or None for no limit")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise InvalidLimits(f"Limits.{attr.name} must be a finite number, got {value}; "
+                            "pass None for no limit")
     if value <= 0:
-        raise ValueError(f"Limits.{attr.name} must be positive, got {value}")
+        raise InvalidLimits(f"Limits.{attr.name} must be positive, got {value}; "
+                            "pass None for no limit")
+
+
+def _positive_int_or_none(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, float):
+        raise InvalidLimits(f"Limits.{attr.name} must be a whole number, got {value!r}; "
+                            f"e.g. {attr.name}={max(1, int(value))}")
+    _positive_or_none(inst, attr, value)
+
+
+def _is_bool(_inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, bool):
+        raise InvalidLimits(f"Limits.{attr.name} must be True or False, got {value!r}; "
+                            f"pass {attr.name}=False for no network, True (the default) "
+                            "to keep the host's")
 
 
 @attrs.frozen(kw_only=True)
@@ -74,6 +93,9 @@ class Limits:
     ``cpu`` is a number of CPUs (``1.5``); ``timeout`` is wall-clock seconds;
     ``network`` false gives the process an empty network namespace.
 
+    Every field is checked on construction: a wrong type or value raises
+    :class:`~branchagent.InvalidLimits` (a ``ValueError``) naming the field and the fix.
+
     ``disk`` caps the bytes the branch's copy-on-write layers may hold (see
     :meth:`Branch.usage`) while the run runs: a write that would pass it fails
     with ``EDQUOT`` inside the branch. Backends that cannot enforce it say so in
@@ -81,9 +103,9 @@ class Limits:
     """
 
     memory: int | None = attrs.field(default=None, converter=_memory_size)
-    pids: int | None = attrs.field(default=None, validator=_positive_or_none)
+    pids: int | None = attrs.field(default=None, validator=_positive_int_or_none)
     cpu: float | None = attrs.field(default=None, validator=_positive_or_none)
     timeout: float | None = attrs.field(default=None, validator=_positive_or_none)
     output: int | None = attrs.field(default=10 << 20, converter=_output_size)
-    network: bool = True
+    network: bool = attrs.field(default=True, validator=_is_bool)
     disk: int | None = attrs.field(default=None, converter=_disk_size)

@@ -7,10 +7,12 @@ import itertools
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any, Unpack
 
 import anyio
@@ -38,6 +40,7 @@ from ._rwlock import RWLock
 from ._sandbox._cgroup import RunCgroup
 from ._sandbox._pycall import call_in
 from ._sandbox._run import RunResult, run_in
+from ._sandbox._spawn import BRANCH_PATH_ENV, WORKSPACE_ENV
 from .exceptions import (
     BackendNotFound,
     BackendUnavailable,
@@ -46,6 +49,8 @@ from .exceptions import (
     BranchExists,
     BranchInvalidated,
     BranchNotFound,
+    InvalidWorkspace,
+    WorkspaceAlreadyOpen,
     WorkspaceClosed,
     WorkspaceCorrupt,
     WorkspaceLocked,
@@ -59,6 +64,10 @@ __all__ = ["Workspace", "WorkspaceBranch", "open_workspace"]
 log = get_logger("branchagent")
 
 _CLOSE_TIMEOUT = 60.0
+
+#: The workspaces this process has open: state directory -> (pid, where it was opened,
+#: as ``file:line``). The pid tells a forked child's inherited copy from its own.
+_OPEN_HERE: dict[Path, tuple[int, str]] = {}
 
 
 def _disk_size(value: int | str | None, what: str) -> int | None:
@@ -687,7 +696,8 @@ class Workspace:
             finally:
                 self._unlock()
 
-    def _lock_state(self) -> None:
+    def _lock_state(self, opened_at: str = "?") -> None:
+        _check_not_open_here(self.path, self.state_dir)
         fd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -697,11 +707,38 @@ class Workspace:
                 f"workspace {self.path} is open in another process (lock {self.state_dir}/lock)"
             ) from None
         self._lock_fd = fd
+        _OPEN_HERE[self.state_dir] = (os.getpid(), opened_at)
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+            _OPEN_HERE.pop(self.state_dir, None)
+
+
+def _check_not_open_here(path: Path, state_dir: Path) -> None:
+    """WorkspaceAlreadyOpen when this process has ``state_dir``'s workspace open already."""
+    held = _OPEN_HERE.get(state_dir)
+    if held is not None and held[0] == os.getpid():
+        raise WorkspaceAlreadyOpen(
+            f"workspace {path} is already open in this process (opened at {held[1]}); "
+            "use that Workspace object, or leave its `async with` before opening it again"
+        )
+
+
+def _opened_at() -> str:
+    """``file:line`` of the code that called :func:`open_workspace` (the first frame outside
+    this module and contextlib)."""
+    frame: FrameType | None = sys._getframe(1)
+    skip = {__file__, _contextlib_file}
+    while frame is not None and frame.f_code.co_filename in skip:
+        frame = frame.f_back
+    if frame is None:
+        return "?"
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+_contextlib_file = asynccontextmanager.__code__.co_filename
 
 
 def default_state_dir(path: Path) -> Path:
@@ -753,17 +790,65 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return raw
 
 
+def _is_state_dir(path: Path) -> bool:
+    """Whether ``path`` is the state directory of a workspace (what open_workspace makes
+    there first: its ``lock`` and its ``runs`` directory)."""
+    try:
+        return (path / "lock").is_file() and (path / "runs").is_dir()
+    except OSError:
+        return False
+
+
+def _within(path: Path, top: Path) -> bool:
+    return path == top or top in path.parents
+
+
 def _resolve_paths(
     path: str | os.PathLike[str], state_dir: str | os.PathLike[str] | None
 ) -> tuple[Path, Path]:
+    """The workspace's real path and its state directory, checked (touching nothing)."""
     root = Path(os.path.abspath(path))
     if not root.is_dir():
         raise FileNotFoundError(f"workspace {root} is not a directory")
     root = Path(os.path.realpath(root))
+    if root == root.parent:
+        raise InvalidWorkspace(
+            f"cannot open {root} as a workspace: it is the root of the filesystem, so its "
+            "state directory would be inside it and a branch would cover the whole system; "
+            "open a project directory instead (e.g. the directory of your repository)"
+        )
+    for name in (WORKSPACE_ENV, BRANCH_PATH_ENV):
+        outer = os.environ.get(name)
+        if outer and os.path.isabs(outer) and _within(root, Path(outer)):
+            raise InvalidWorkspace(
+                f"cannot open {root} as a workspace: this process runs inside a branch of "
+                f"the workspace {os.environ.get(WORKSPACE_ENV) or outer} (${name}={outer}), "
+                "and a workspace opened there would write its state into that branch as a "
+                f"change; open a directory outside {outer}, or fork a nested branch with "
+                "Branch.fork() instead"
+            )
+    for top in (root, *root.parents):
+        if _is_state_dir(top):
+            raise InvalidWorkspace(
+                f"cannot open {root} as a workspace: it is inside {top}, the state directory "
+                "of another workspace (its branches and records); open that workspace and "
+                "fork a nested branch with Branch.fork(), or open a directory outside "
+                f"{top}"
+            )
     # realpath, like root: a state_dir reached through a symlink must not hide inside root.
     sdir = Path(os.path.realpath(state_dir)) if state_dir is not None else default_state_dir(root)
     if sdir == root or root in sdir.parents:
-        raise ValueError(f"state_dir {sdir} must not be inside the workspace {root}")
+        raise InvalidWorkspace(
+            f"state_dir {sdir} must not be inside the workspace {root}: it would be one of "
+            "the workspace's own files; pass a state_dir outside it (the default sits "
+            "beside the workspace)"
+        )
+    for top in sdir.parents:
+        if _is_state_dir(top):
+            raise InvalidWorkspace(
+                f"state_dir {sdir} is inside {top}, the state directory of another "
+                "workspace; pass a state_dir outside it"
+            )
     return root, sdir
 
 
@@ -794,8 +879,10 @@ async def open_workspace(
     can set another). A backend that cannot enforce it (``"copy"``) raises
     ``BackendUnavailable`` here.
     """
+    opened_at = _opened_at()
     disk = _disk_size(disk_limit, "disk_limit")
     root, sdir = await anyio.to_thread.run_sync(_resolve_paths, path, state_dir)
+    _check_not_open_here(root, sdir)  # before anything is created
     await log_host_capabilities()  # debug, once per process
     if backend is None:
         backend = await anyio.to_thread.run_sync(default_backend)
@@ -809,7 +896,7 @@ async def open_workspace(
         raise _no_disk_limits(be, f"open_workspace(disk_limit={disk_limit!r})")
     await anyio.to_thread.run_sync(lambda: (sdir / "runs").mkdir(parents=True, exist_ok=True))
     ws = Workspace(root, sdir, be, disk_limit=disk)
-    ws._lock_state()
+    ws._lock_state(opened_at)
     try:
         await be.open(root, sdir)
         await ws._restore()

@@ -9,7 +9,9 @@ naturally catch (``LookupError``, ``ValueError``, ``OSError``, ...), so
     ├── WorkspaceError
     │   ├── WorkspaceClosed              (RuntimeError)
     │   ├── WorkspaceLocked              (BlockingIOError)
-    │   └── WorkspaceCorrupt             (RuntimeError)
+    │   │   └── WorkspaceAlreadyOpen
+    │   ├── WorkspaceCorrupt             (RuntimeError)
+    │   └── InvalidWorkspace             (ValueError)
     ├── BackendError
     │   ├── BackendNotFound              (LookupError)
     │   ├── BackendUnavailable           (RuntimeError)
@@ -23,11 +25,13 @@ naturally catch (``LookupError``, ``ValueError``, ``OSError``, ...), so
     │   ├── ConflictError
     │   └── PathEscapeError              (ValueError)
     ├── SandboxError
+    │   ├── InvalidLimits                (ValueError)
     │   ├── IsolationUnavailable         (RuntimeError)
     │   ├── ProcessKilled                (ChildProcessError)
     │   └── RemoteError
     ├── StrategyError
     │   ├── StrategyNotFound             (LookupError)
+    │   ├── InvalidCandidates            (ValueError)
     │   └── CandidateError
     ├── LLMError
     │   ├── ApplyError                   (ValueError)
@@ -49,6 +53,11 @@ only. ``SourceError``: the model (an offline ``vllm.LLM`` or an
 OpenAI-compatible server) failed to produce candidates; the library's own
 exception is attached as ``__cause__``. ``ServeError``: what the server
 answers a request with, as an OpenAI-shaped JSON body and an HTTP status.
+``InvalidWorkspace``, ``InvalidLimits`` and ``InvalidCandidates`` refuse bad input at
+the door (a path that cannot be a workspace, a ``Limits`` field of the wrong type or
+value, candidates that are not a non-empty collection of candidates), before anything
+is created; each message names the problem and its fix. ``WorkspaceAlreadyOpen``: this
+process already has the workspace open (the message says where it was opened).
 ``UsageError``: the ``branchagent`` command was used wrongly, or the host
 lacks what it needs; it exits 2 with a message that says what to do.
 """
@@ -70,6 +79,9 @@ __all__ = [
     "CommitFailed",
     "ConflictError",
     "InvalidBranchName",
+    "InvalidCandidates",
+    "InvalidLimits",
+    "InvalidWorkspace",
     "IsolationUnavailable",
     "LLMError",
     "PathEscapeError",
@@ -81,6 +93,7 @@ __all__ = [
     "StrategyError",
     "StrategyNotFound",
     "UsageError",
+    "WorkspaceAlreadyOpen",
     "WorkspaceClosed",
     "WorkspaceCorrupt",
     "WorkspaceError",
@@ -107,8 +120,17 @@ class WorkspaceLocked(WorkspaceError, BlockingIOError):
     """Another process has this workspace open."""
 
 
+class WorkspaceAlreadyOpen(WorkspaceLocked):
+    """This process already has the workspace open; the message names where it was opened."""
+
+
 class WorkspaceCorrupt(WorkspaceError, RuntimeError):
     """The state directory holds something we cannot interpret."""
+
+
+class InvalidWorkspace(WorkspaceError, ValueError):
+    """The path cannot be a workspace (``/``, a branch of another workspace, a state
+    directory, a state directory inside the workspace); nothing was created."""
 
 
 # -- backends ----------------------------------------------------------------
@@ -182,6 +204,10 @@ class SandboxError(BranchAgentError):
     """Running a process inside a branch failed."""
 
 
+class InvalidLimits(SandboxError, ValueError):
+    """A :class:`~branchagent.Limits` field of the wrong type or value (named in the message)."""
+
+
 class IsolationUnavailable(SandboxError, RuntimeError):
     """Namespaces are not permitted here; pass ``isolate=False`` to run unisolated."""
 
@@ -218,6 +244,11 @@ class StrategyError(BranchAgentError):
 
 class StrategyNotFound(StrategyError, LookupError):
     """No strategy is registered under that name."""
+
+
+class InvalidCandidates(StrategyError, ValueError):
+    """A strategy was given candidates it cannot run: not a collection (a string is one
+    command, not a list of them), an item that is not a candidate, or none at all."""
 
 
 class CandidateError(StrategyError):

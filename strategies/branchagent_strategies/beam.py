@@ -20,7 +20,7 @@ from branchagent.strategy import (
     get_logger,
     pick_best,
     rank_key,
-    to_candidates,
+    to_candidates_or_empty,
 )
 
 from ._options import at_least, callable_as
@@ -70,7 +70,8 @@ class Beam(Strategy):
 
     name = "beam"
 
-    candidates: tuple[Candidate, ...] = attrs.field(converter=to_candidates, kw_only=False)
+    candidates: tuple[Candidate, ...] = attrs.field(converter=to_candidates_or_empty,
+                                                    kw_only=False)
     expand: Expand = attrs.field(validator=callable_as("a callable (branch, depth) -> candidates"))
     beam_width: int = attrs.field(default=4, validator=at_least(1))
     max_depth: int = attrs.field(default=3, validator=at_least(0))

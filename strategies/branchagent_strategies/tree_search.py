@@ -21,7 +21,7 @@ from branchagent.strategy import (
     describe_error,
     get_logger,
     pick_best,
-    to_candidates,
+    to_candidates_or_empty,
 )
 
 from ._options import at_least, callable_as
@@ -92,7 +92,7 @@ class TreeSearch(Strategy):
 
     name = "tree_search"
 
-    root_candidates: tuple[Candidate, ...] = attrs.field(converter=to_candidates,
+    root_candidates: tuple[Candidate, ...] = attrs.field(converter=to_candidates_or_empty,
                                                          kw_only=False)
     expand: Expand = attrs.field(validator=callable_as("a callable (branch, depth) -> candidates"))
     evaluate: Candidate | None = None

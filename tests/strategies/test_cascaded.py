@@ -288,6 +288,6 @@ def test_registered_and_validated() -> None:
     with pytest.raises(ValueError, match="timeout"):
         ba.Cascaded(task, wave_timeout=0)
     with pytest.raises(TypeError, match="task"):
-        ba.Cascaded(ba.Speculate([]))  # type: ignore[arg-type]
+        ba.Cascaded(ba.Speculate([ba.Command(["true"])]))  # type: ignore[arg-type]
     assert ba.Cascaded(task, fan_out=[3, 5]).fan_out == (3, 5)
     assert "fan_out=(1, 2, 4)" in repr(ba.Cascaded(task))

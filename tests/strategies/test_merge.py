@@ -181,4 +181,4 @@ async def test_merge_is_registered_and_reports_in_json(repo: Path) -> None:
     async with ba.open_workspace(repo, backend="copy") as ws:
         outcome = await ba.Merge(candidates, timeout=30).run(ws)
     assert '"merged": [0, 1]' in outcome.to_json()
-    assert "timeout=30.0" in repr(ba.Merge([], timeout=30))
+    assert "timeout=30.0" in repr(ba.Merge(candidates, timeout=30))

@@ -214,11 +214,11 @@ async def test_speculate_all_fail(repo: Path) -> None:
     assert snapshot(repo) == before
 
 
-async def test_speculate_with_no_candidates(repo: Path) -> None:
-    async with workspace(repo) as ws:
-        outcome = await ba.Speculate([]).run(ws)
-    assert outcome == ba.Outcome(committed=False, winner=None, results=(),
-                                 strategy="speculate", duration=outcome.duration)
+async def test_speculate_with_no_candidates_is_refused(repo: Path) -> None:
+    before = snapshot(repo)
+    with pytest.raises(ba.InvalidCandidates, match=r"no candidates.*at least one candidate"):
+        ba.Speculate([])
+    assert snapshot(repo) == before
 
 
 # -- BestOfN ------------------------------------------------------------------------------
@@ -381,12 +381,18 @@ async def test_raising_and_garbage_candidates_are_failures(repo: Path) -> None:
         await b.abort()
         return True
 
+    async def returns_object(b: ba.Branch) -> Any:
+        return object()
+
     def sync_ok(b: ba.Branch) -> tuple[bool, float]:
         (b.path / "sync.txt").write_text("from a thread")
         return (True, 0.25)
 
+    # Something that is not a candidate at all is refused when the strategy is built.
+    with pytest.raises(ba.InvalidCandidates, match=r"candidates\[1\] is not a candidate: int 42"):
+        ba.BestOfN([sync_ok, 42])  # type: ignore[list-item]
     cands: list[Any] = [raises, sync_raises, returns_str, returns_none, returns_nan, bad_tuple,
-                        closes_its_branch, 42, sync_ok]
+                        closes_its_branch, returns_object, sync_ok]
     async with workspace(repo) as ws:
         outcome = await ba.BestOfN(cands).run(ws)
     errors = [r.error for r in outcome.results]
@@ -477,9 +483,9 @@ def test_verdict_and_command_validation() -> None:
     with pytest.raises(ValueError, match="argv"):
         ba.Command("pytest -q")  # a str is a Sequence[str]: caught at run time
     with pytest.raises(ValueError, match="max_parallel"):
-        ba.Speculate([], max_parallel=0)
+        ba.Speculate([ba.Command(["true"])], max_parallel=0)
     with pytest.raises(ValueError, match="timeout"):
-        ba.BestOfN([], timeout=-1)
+        ba.BestOfN([ba.Command(["true"])], timeout=-1)
 
 
 # -- nesting ------------------------------------------------------------------------------------

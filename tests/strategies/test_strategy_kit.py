@@ -89,7 +89,7 @@ def test_the_kit_is_what_the_top_level_exports() -> None:
 
 def test_the_base_validates_the_common_options_once() -> None:
     with pytest.raises(ValueError, match="timeout must be a positive number"):
-        ba.Speculate([], timeout=0)
+        ba.Speculate([ba.Command(["true"])], timeout=0)
     with pytest.raises(ValueError, match="max_parallel must be a positive int"):
         ba.Beam([], expand=lambda b, d: [], max_parallel=0)
     s = ba.Reflexion(lambda b, f: True, max_attempts=2, timeout=3, max_parallel=1)

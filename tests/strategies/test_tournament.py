@@ -131,12 +131,9 @@ async def test_a_single_success_needs_no_judge(repo: Path) -> None:
     async with workspace(repo) as ws:
         one = await ba.Tournament([writes(1, False), writes(2)], judge=judge).run(ws)
         none = await ba.Tournament([writes(1, False)], judge=judge).run(ws)
-        empty = await ba.Tournament([], judge=judge).run(ws)
     assert one.winner is not None
     assert one.winner.index == 1
     assert not none.committed
-    assert not empty.committed
-    assert empty.results == ()
     assert (repo / "n.txt").read_text() == "2"
 
 
@@ -378,9 +375,11 @@ def test_registered_and_validated() -> None:
     assert ba.get_strategy("tournament") is ba.Tournament
     judge = Judge()
     with pytest.raises(TypeError, match="judge"):
-        ba.Tournament([], judge="pick one")  # type: ignore[arg-type]
+        ba.Tournament([ba.Command(["true"])], judge="pick one")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="timeout"):
-        ba.Tournament([], judge=judge, judge_timeout=-1)
+        ba.Tournament([ba.Command(["true"])], judge=judge, judge_timeout=-1)
     with pytest.raises(ValueError, match="max_parallel"):
-        ba.Tournament([], judge=judge, max_parallel=0)
-    assert "judge_timeout=None" in repr(ba.Tournament([], judge=judge))
+        ba.Tournament([ba.Command(["true"])], judge=judge, max_parallel=0)
+    assert "judge_timeout=None" in repr(ba.Tournament([ba.Command(["true"])], judge=judge))
+    with pytest.raises(ba.InvalidCandidates, match="no candidates"):
+        ba.Tournament([], judge=judge)

@@ -33,11 +33,25 @@ from .._log import get_logger
 from ..exceptions import IsolationUnavailable, SandboxError
 from . import _cgroup
 
-__all__ = ["SpawnOutcome", "check_markers", "isolation_available", "isolation_problem", "spawn"]
+__all__ = [
+    "BRANCH_PATH_ENV",
+    "WORKSPACE_ENV",
+    "SpawnOutcome",
+    "check_markers",
+    "isolation_available",
+    "isolation_problem",
+    "spawn",
+]
 
 log = get_logger("branchagent.sandbox")
 
 ISOLATION_FAILED = 125
+#: Set for every process a branch runs: the workspace's path (where an isolated run sees
+#: the branch) and the branch's own path. ``open_workspace`` refuses a path inside either,
+#: so that a workspace is never opened inside a branch of another (its state directory
+#: would become a change of that branch).
+WORKSPACE_ENV = "BRANCHAGENT_WORKSPACE"
+BRANCH_PATH_ENV = "BRANCHAGENT_BRANCH_PATH"
 # Our own failures are told apart from the candidate's exit codes by markers on stderr.
 ISOLATION_MARKER = "branchagent: isolation setup failed"
 NOT_FOUND_MARKER = "branchagent: executable not found:"
@@ -296,6 +310,8 @@ async def spawn(
 
         full_env = dict(os.environ)
         full_env["PYTHONUNBUFFERED"] = "1"
+        full_env[WORKSPACE_ENV] = os.fspath(workspace_path)
+        full_env[BRANCH_PATH_ENV] = os.fspath(branch_path)
         if env:
             full_env.update(env)
         if not isolate:  # isolated runs look the executable up inside the namespace

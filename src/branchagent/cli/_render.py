@@ -105,6 +105,9 @@ def print_human(command: str, doc: Any, rows: Mapping[str, Row]) -> None:
         print(where)
         if not doc["branches"]:
             print("  no branches")
+        elif doc.get("mounted") is False:
+            print("  (not mounted: no process has the workspace open; branch paths exist "
+                  "while one does)")
         for row in doc["branches"]:
             indent = "  " * (row["depth"] + 1)
             changes = "?" if row["changes"] is None else row["changes"]
@@ -123,6 +126,9 @@ def print_human(command: str, doc: Any, rows: Mapping[str, Row]) -> None:
             print(f"nothing committed: {doc['branch']} conflicts with {into}: {doc['error']}")
         else:
             print(f"committed {doc['committed']} into {into}: {len(doc['changes'])} changed paths")
+            if doc.get("invalidated"):
+                print(f"invalidated {len(doc['invalidated'])} other branch(es), void now "
+                      f"(first commit wins): {', '.join(doc['invalidated'])}")
         return
     if command == "abort":
         print(f"aborted {', '.join(doc['aborted']) or 'nothing'}")

@@ -27,7 +27,13 @@ from ..exceptions import ConflictError, IsolationUnavailable, UsageError, Worksp
 from ._build import STRATEGY_OF, build_strategy, label, run_options
 from ._logs import configure_logging
 from ._progress import Progress
-from ._status import recorded_backend, status_doc, status_empty, status_unlocked
+from ._status import (
+    recorded_backend,
+    status_closed,
+    status_doc,
+    status_empty,
+    status_unlocked,
+)
 
 __all__ = [
     "EXIT_INTERRUPTED",
@@ -54,6 +60,11 @@ def workspace_path(args: argparse.Namespace) -> Path:
     path = Path(os.path.realpath(args.workspace))
     if not path.is_dir():
         raise UsageError(f"workspace {path} is not a directory; give one with -w DIR")
+    if path == path.parent:
+        given = "-w /" if args.workspace not in (None, ".") else "the current directory"
+        raise UsageError(f"the workspace would be {path} ({given}): branchagent cannot make "
+                         "the whole filesystem a workspace; cd into a project directory, or "
+                         "give one with -w DIR")
     return path
 
 
@@ -84,12 +95,17 @@ async def _housekeeping(run: Run, ws: ba.Workspace) -> tuple[int, Any]:
         return EXIT_OK, {"aborted": [b.name, *gone]}
     parent = b.parent.name if b.parent is not None else None
     changes = [c.path for c in await b.changes()]
+    before = [x for x in ws.branches() if x is not b and x.state is ba.BranchState.OPEN]
     try:
         await b.commit()
     except ConflictError as exc:
         return EXIT_NOTHING, {"committed": None, "branch": b.name, "into": parent,
-                              "error": f"ConflictError: {exc}"}
-    return EXIT_OK, {"committed": b.name, "into": parent, "changes": changes}
+                              "error": f"ConflictError: {exc}", "invalidated": []}
+    # First commit wins: the branch's open siblings (and their branches), and its own
+    # branches, are void now; say which, so that nobody goes looking for them.
+    invalidated = [x.name for x in before if x.state is ba.BranchState.INVALIDATED]
+    return EXIT_OK, {"committed": b.name, "into": parent, "changes": changes,
+                     "invalidated": invalidated}
 
 
 def _descendants(b: ba.WorkspaceBranch) -> list[ba.WorkspaceBranch]:
@@ -152,12 +168,17 @@ async def _work(run: Run) -> tuple[int, Any]:
         async with ba.open_workspace(path, backend=backend, keep_branches=True) as ws:
             opened = True
             if housekeeping:
-                return await _housekeeping(run, ws)
-            return await _in_workspace(run, ws, strategy)
+                result = await _housekeeping(run, ws)
+            else:
+                return await _in_workspace(run, ws, strategy)
     except WorkspaceLocked:
         if args.command == "status" and not opened:
             return EXIT_OK, await anyio.to_thread.run_sync(status_unlocked, path)
         raise
+    if args.command == "status":
+        # The workspace is closed again: a path that went with it (a FUSE mount) is not shown.
+        return result[0], await anyio.to_thread.run_sync(status_closed, result[1])
+    return result
 
 
 async def _in_workspace(run: Run, ws: ba.Workspace, strategy: ba.Strategy | None

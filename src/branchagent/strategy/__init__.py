@@ -29,6 +29,9 @@ The kit, the same one the built-in strategies use:
   their own fields (``@attrs.define(kw_only=True, eq=False)``: strategies
   compare and hash by identity), and inherit ``timeout``, ``max_parallel`` and
   ``executor`` (validated here) and :meth:`Strategy.open_arena`;
+- :func:`to_candidates` (or :func:`to_candidates_or_empty`), the converter of a
+  strategy's candidates field: a non-empty collection of candidates, else
+  :class:`~branchagent.InvalidCandidates` (:func:`check_candidates` does the checks);
 - :class:`Arena` and :class:`Trial`: the branches of one run and the
   candidates run in them (:meth:`Arena.run`, :meth:`Arena.commit`,
   :meth:`Arena.open_scratch`, :meth:`Arena.outcome`); every trial emits
@@ -56,7 +59,7 @@ from __future__ import annotations
 from .._branch import Branch, BranchState
 from .._log import get_logger
 from ._arena import AfterHook, Arena, StopRule, Trial, open_arena, pick_best, rank_key
-from ._base import Strategy, to_candidates
+from ._base import Strategy, check_candidates, to_candidates, to_candidates_or_empty
 from ._candidates import (
     Candidate,
     Target,
@@ -106,6 +109,7 @@ __all__ = [
     "VerdictLike",
     "available_strategies",
     "call",
+    "check_candidates",
     "check_max_parallel",
     "check_timeout",
     "deadline_after",
@@ -119,5 +123,6 @@ __all__ = [
     "rank_key",
     "run_candidate",
     "to_candidates",
+    "to_candidates_or_empty",
     "to_verdict",
 ]

@@ -9,20 +9,77 @@ from typing import TYPE_CHECKING, ClassVar
 
 import attrs
 
+from ..exceptions import InvalidCandidates
 from ._arena import Arena, open_arena
 from ._root import AbstractStrategy, check_max_parallel, check_timeout, deadline_after
+from ._values import Command, Isolated
 
 if TYPE_CHECKING:
     from ._candidates import Candidate, Target
     from ._executor import Executor
     from ._values import Outcome
 
-__all__ = ["Strategy", "to_candidates"]
+__all__ = ["Strategy", "check_candidates", "to_candidates", "to_candidates_or_empty"]
+
+
+def _is_candidate(value: object) -> bool:
+    return isinstance(value, Command | Isolated | AbstractStrategy) or callable(value)
+
+
+def check_candidates(candidates: object, *, allow_empty: bool = False) -> tuple[Candidate, ...]:
+    """``candidates`` as a tuple, checked: a collection (not a string), whose every item is
+    a candidate (a callable, a :class:`Command`, an :class:`Isolated` or a strategy), and
+    not empty unless ``allow_empty``. Raises :class:`~branchagent.InvalidCandidates`
+    naming the problem and the fix; the checks every strategy gets from
+    :func:`to_candidates`."""
+    if isinstance(candidates, str | bytes):
+        raise InvalidCandidates(
+            f"candidates must be a list of candidates, not the string {candidates!r:.60}: "
+            "a string would be taken one character at a time; for one command pass "
+            f"[Command([...])], e.g. [Command({_argv_hint(candidates)})]")
+    if isinstance(candidates, Command | Isolated | AbstractStrategy) or (
+            callable(candidates) and not isinstance(candidates, Iterable)):
+        raise InvalidCandidates(
+            f"candidates must be a list of candidates, not one candidate {candidates!r:.60}; "
+            "wrap it in a list: [candidate]")
+    if not isinstance(candidates, Iterable):
+        raise InvalidCandidates(
+            f"candidates must be a list (or other iterable) of candidates, not "
+            f"{type(candidates).__name__} {candidates!r:.60}")
+    items = tuple(candidates)
+    for i, item in enumerate(items):
+        if not _is_candidate(item):
+            hint = (f"; for a command pass Command({_argv_hint(item)})"
+                    if isinstance(item, str | bytes | list | tuple) else "")
+            raise InvalidCandidates(
+                f"candidates[{i}] is not a candidate: {type(item).__name__} {item!r:.60}; "
+                "a candidate is a callable taking the branch, a Command, an Isolated or a "
+                f"Strategy{hint}")
+    if not items and not allow_empty:
+        raise InvalidCandidates(
+            "no candidates: the strategy would fork nothing and commit nothing; "
+            "pass at least one candidate")
+    return items
+
+
+def _argv_hint(value: object) -> str:
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    if isinstance(value, str):
+        return repr(value.split() or ["true"])
+    return repr(list(value)) if isinstance(value, list | tuple) else "[...]"
 
 
 def to_candidates(candidates: Iterable[Candidate]) -> tuple[Candidate, ...]:
-    """A converter for a strategy's candidates field: any iterable, kept as a tuple."""
-    return tuple(candidates)
+    """A converter for a strategy's candidates field: a non-empty collection of
+    candidates, kept as a tuple (:func:`check_candidates`)."""
+    return check_candidates(candidates)
+
+
+def to_candidates_or_empty(candidates: Iterable[Candidate]) -> tuple[Candidate, ...]:
+    """:func:`to_candidates` for a strategy that may start with no candidates (its
+    candidates come from elsewhere too, e.g. an ``expand`` callback)."""
+    return check_candidates(candidates, allow_empty=True)
 
 
 def _options_repr(self: Strategy) -> str:
