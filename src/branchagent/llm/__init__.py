@@ -28,8 +28,8 @@ The pieces, each usable alone:
   :func:`completions_from_openai`), and scorers of its logprobs
   (:func:`cumulative_logprob`, :func:`mean_logprob`, :func:`length_normalized`,
   :func:`gnmt_normalized`).
-- Actions (:func:`apply_diff`, :func:`write_code_blocks`, :func:`run_command`,
-  :func:`apply_auto`), or any ``apply(branch, completion)`` of your own.
+- Actions (:func:`apply_diff`, :func:`write_code_blocks`, :func:`write_file`,
+  :func:`run_command`, :func:`apply_auto`), or any ``apply(branch, completion)`` of your own.
 - :func:`as_candidate` turns a completion into a candidate for any strategy;
   :func:`solve` does the whole loop with ``BestOfN`` or ``Speculate``.
 
@@ -45,10 +45,13 @@ from ._actions import (
     CodeBlock,
     apply_auto,
     apply_diff,
+    check_relative_path,
     extract_command,
     parse_code_blocks,
+    pick_code_block,
     run_command,
     write_code_blocks,
+    write_file,
 )
 from ._completion import (
     SCORERS,
@@ -64,11 +67,19 @@ from ._completion import (
 )
 from ._diff import FilePatch, Hunk, apply_hunks, looks_like_diff, parse_unified_diff
 from ._errors import ApplyError, LLMError, SourceError
-from ._solve import as_candidate, describe_completion, solve
+from ._solve import (
+    TEXT_LIMIT,
+    as_candidate,
+    cap_text,
+    describe_apply,
+    describe_completion,
+    solve,
+)
 from ._sources import OpenAISource, Prompt, Source, VLLMSource, as_source, check_sampling
 
 __all__ = [
     "SCORERS",
+    "TEXT_LIMIT",
     "Apply",
     "ApplyError",
     "CodeBlock",
@@ -87,10 +98,13 @@ __all__ = [
     "apply_hunks",
     "as_candidate",
     "as_source",
+    "cap_text",
+    "check_relative_path",
     "check_sampling",
     "completions_from_openai",
     "completions_from_vllm",
     "cumulative_logprob",
+    "describe_apply",
     "describe_completion",
     "extract_command",
     "get_scorer",
@@ -100,7 +114,9 @@ __all__ = [
     "mean_logprob",
     "parse_code_blocks",
     "parse_unified_diff",
+    "pick_code_block",
     "run_command",
     "solve",
     "write_code_blocks",
+    "write_file",
 ]

@@ -7,13 +7,21 @@ place. An action that cannot do what the completion asks raises
 :class:`~branchagent.llm.ApplyError`, which fails that candidate only.
 
 - :func:`apply_diff`: apply the unified diff the completion holds.
-- :func:`write_code_blocks`: write its fenced code blocks to the files they name.
+- :func:`write_code_blocks`: write its fenced code blocks to the files they name
+  (with ``path=``: a lone unnamed block goes there).
+- :func:`write_file`: write its one code block (or, with none, its whole text) to a path.
 - :func:`run_command`: run the shell command it returns, in the branch.
 - :func:`apply_auto`: a diff if there is one, else named code blocks.
 
-Every path comes from the model: it goes through ``branch.resolve``, so a
-completion can neither write nor patch a file outside its branch (``..``,
-absolute paths elsewhere, symlinks pointing out).
+Every path comes from the model: it must be relative, without ``..``, and it
+goes through ``branch.resolve``, so a completion can neither write nor patch a
+file outside its branch (``..``, absolute paths, symlinks pointing out).
+
+Picking one block for a path (:func:`write_file`, and :func:`write_code_blocks`
+with ``path=`` when no block names a file) follows one rule, :func:`pick_code_block`:
+the only block, else the block that names that very path, else the only block
+whose language fits the path's extension (``python`` for ``.py``, ...); when
+that leaves none or several, the candidate is refused with the count.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import anyio.to_thread
 import attrs
@@ -39,9 +47,12 @@ __all__ = [
     "apply_auto",
     "apply_diff",
     "extract_command",
+    "check_relative_path",
     "parse_code_blocks",
+    "pick_code_block",
     "run_command",
     "write_code_blocks",
+    "write_file",
 ]
 
 _FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
@@ -129,11 +140,61 @@ def parse_code_blocks(text: str) -> list[CodeBlock]:
     return blocks
 
 
+#: Languages a fence may name for a file extension (beyond the extension itself).
+_LANGS_OF_EXT: dict[str, frozenset[str]] = {
+    ext: frozenset(langs) for ext, langs in {
+        "py": {"python", "python3", "py", "py3"},
+        "pyi": {"python", "python3", "py", "pyi"},
+        "js": {"javascript", "js", "node", "jsx"},
+        "mjs": {"javascript", "js", "node"},
+        "ts": {"typescript", "ts"},
+        "tsx": {"typescript", "tsx"},
+        "sh": {"sh", "bash", "shell", "zsh"},
+        "bash": {"sh", "bash", "shell"},
+        "rs": {"rust", "rs"},
+        "go": {"go", "golang"},
+        "c": {"c"},
+        "h": {"c", "cpp", "c++"},
+        "cc": {"cpp", "c++", "cc"},
+        "cpp": {"cpp", "c++"},
+        "hpp": {"cpp", "c++"},
+        "java": {"java"},
+        "kt": {"kotlin", "kt"},
+        "rb": {"ruby", "rb"},
+        "json": {"json"},
+        "yaml": {"yaml", "yml"},
+        "yml": {"yaml", "yml"},
+        "toml": {"toml"},
+        "md": {"markdown", "md"},
+        "html": {"html"},
+        "css": {"css"},
+        "sql": {"sql"},
+        "txt": {"text", "txt", "plaintext", "plain"},
+    }.items()
+}
+
+
+def check_relative_path(path: str) -> str:
+    """``path`` itself when it is relative and has no ``..`` part; else :class:`PathEscapeError`.
+
+    The lexical half of the rule for paths a model (or an ``--apply`` option)
+    names; ``branch.resolve`` then catches symlinks that point out.
+    """
+    if not path or "\x00" in path:
+        raise PathEscapeError(f"path {path!r} is empty or contains NUL")
+    if path.startswith("/"):
+        raise PathEscapeError(f"path {path!r} is absolute; name it relative to the workspace root")
+    if ".." in path.split("/"):
+        raise PathEscapeError(f"path {path!r} has a '..' part; name it from the workspace root "
+                              "without '..'")
+    return path
+
+
 def _resolve(branch: Branch, path: str, what: str) -> Path:
     try:
-        return branch.resolve(path)
+        return branch.resolve(check_relative_path(path))
     except PathEscapeError as exc:
-        raise ApplyError(f"{what} names {path!r}, which is outside the branch") from exc
+        raise ApplyError(f"{what} names {path!r}, which is outside the branch: {exc}") from exc
 
 
 def _check_file_path(branch: Branch, path: str, what: str) -> Path:
@@ -150,31 +211,68 @@ def _write(target: Path, code: str) -> None:
     target.write_text(code, encoding="utf-8")
 
 
+def _fits(block: CodeBlock, ext: str) -> bool:
+    lang = (block.lang or "").lower()
+    return bool(lang) and bool(ext) and (lang == ext or lang in _LANGS_OF_EXT.get(ext, ()))
+
+
+def pick_code_block(blocks: list[CodeBlock], path: str, *, what: str = "completion",
+                    kind: str = "") -> CodeBlock | None:
+    """The one block of ``blocks`` to write to ``path`` (``None``: there is no block).
+
+    The rule: the only block; else the last block that names ``path`` itself;
+    else the only block whose language fits ``path``'s extension
+    (```` ```python ```` for ``calc.py``; see the module docstring). When that
+    leaves none or several, :class:`~branchagent.llm.ApplyError` says how many
+    blocks there were and how many fit. ``what`` and ``kind`` word that message.
+    """
+    if not blocks:
+        return None
+    if len(blocks) == 1:
+        return blocks[0]
+    same = [b for b in blocks
+            if b.path is not None and b.path.removeprefix("./") == path.removeprefix("./")]
+    if same:
+        return same[-1]
+    ext = PurePosixPath(path).suffix.lstrip(".").lower()
+    fitting = [b for b in blocks if _fits(b, ext)]
+    if len(fitting) == 1:
+        return fitting[0]
+    langs = ", ".join(b.lang or "untagged" for b in blocks)
+    raise ApplyError(
+        f"{what} has {len(blocks)} {kind}fenced code blocks ({langs}) and {len(fitting)} "
+        f"tagged with a language that fits {path!r}; exactly one is needed to write "
+        f"{path!r}: ask the model for a single code block, or name the file in each block"
+    )
+
+
 async def write_code_blocks(
     branch: Branch, completion: Completion, *, path: str | None = None
 ) -> list[str]:
     """Write each fenced code block that names a file to that file in ``branch``.
 
-    With ``path``, a completion whose blocks name no file may hold exactly one
-    block, written to ``path``. Later blocks for the same file win. Returns
-    the paths written. Raises :class:`~branchagent.llm.ApplyError` when there is
-    nothing to write, or a block names a path outside the branch.
+    With ``path``, a completion whose blocks name no file has one of them
+    written to ``path``, picked by :func:`pick_code_block` (the only block, or
+    the only one whose language fits the extension). Later blocks for the same
+    file win. Returns the paths written. Raises
+    :class:`~branchagent.llm.ApplyError`, and writes nothing, when there is
+    nothing to write, the pick is ambiguous, or a block names a path that is
+    absolute, has ``..`` or leads outside the branch.
     """
     blocks = parse_code_blocks(completion.text)
     named = [b for b in blocks if b.path is not None]
     if not named:
-        if path is None:
+        if path is None or not blocks:
+            hint = (f"; exactly one is needed to write {path!r}" if path is not None else
+                    " (write ```python path/to/file.py, or a '# file: path' first line)")
             raise ApplyError(
                 f"completion {completion.index} has {len(blocks)} fenced code block(s) and "
-                "none names a file (write ```python path/to/file.py, or a '# file: path' "
-                "first line)"
+                f"none names a file{hint}"
             )
-        if len(blocks) != 1:
-            raise ApplyError(
-                f"completion {completion.index} has {len(blocks)} unnamed fenced code blocks; "
-                f"exactly one is needed to write {path!r}"
-            )
-        named = [attrs.evolve(blocks[0], path=path)]
+        picked = pick_code_block(blocks, path, what=f"completion {completion.index}",
+                                 kind="unnamed ")
+        assert picked is not None
+        named = [attrs.evolve(picked, path=path)]
     files: dict[Path, tuple[str, str]] = {}
     for number, block in enumerate(named, 1):
         assert block.path is not None
@@ -187,6 +285,24 @@ async def write_code_blocks(
 
     await anyio.to_thread.run_sync(write_all)
     return [shown for shown, _ in files.values()]
+
+
+async def write_file(branch: Branch, completion: Completion, *, path: str) -> list[str]:
+    """Write the completion's code to ``path`` in ``branch``: what ``--apply file:PATH`` does.
+
+    Its one fenced code block when it has one (the fences, and the prose
+    around them, are left out); its whole text when it has none; when it has
+    several, the block :func:`pick_code_block` picks (the one naming ``path``,
+    or the only one whose language fits ``path``'s extension), else
+    :class:`~branchagent.llm.ApplyError` naming the count, and nothing is
+    written. ``path`` must be relative, without ``..``. Returns ``[path]``.
+    """
+    block = pick_code_block(parse_code_blocks(completion.text), path,
+                            what=f"completion {completion.index}")
+    code = completion.text if block is None else block.code
+    target = _check_file_path(branch, path, "the apply mode")
+    await anyio.to_thread.run_sync(_write, target, code)
+    return [path]
 
 
 def _diff_text(text: str) -> str:

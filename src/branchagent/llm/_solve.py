@@ -19,6 +19,7 @@ from ..strategy import (
     Strategy,
     Target,
     Verdict,
+    describe_error,
     get_strategy,
     is_async_callable,
     run_candidate,
@@ -27,9 +28,50 @@ from ._actions import Apply, apply_auto
 from ._completion import Completion, Scorer, get_scorer
 from ._sources import Prompt, as_source
 
-__all__ = ["as_candidate", "describe_completion", "solve"]
+__all__ = ["TEXT_LIMIT", "as_candidate", "cap_text", "describe_apply", "describe_completion",
+           "solve"]
 
 log = get_logger("branchagent.llm")
+
+#: Most characters of a completion's text kept in a record (``Result.info``, serve's
+#: ``branchagent`` field); a longer text is cut there, with a last line saying so.
+TEXT_LIMIT = 16_000
+
+#: Most characters of what an action returned (a command's stdout) kept in a record.
+_OUTPUT_LIMIT = 4096
+
+
+def cap_text(text: str, limit: int = TEXT_LIMIT) -> str:
+    """``text`` when it is at most ``limit`` characters, else its start and a marker line.
+
+    The start is kept (a chat model's code block comes first; what runs on is
+    usually repetition), and the marker names both lengths:
+    ``... (completion cut at 16000 of 52311 characters)``.
+    """
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n... (completion cut at {limit} of {len(text)} characters)\n"
+
+
+def describe_apply(value: object = None, error: str | None = None, *,
+                   ran: bool = True) -> dict[str, Any]:
+    """The record of what applying a completion did.
+
+    ``{"ok": True, "paths": [...], "output": None, "error": None}`` when it
+    succeeded (``paths``: what the action said it wrote; ``output``: the tail
+    of a string it returned, a command's stdout), ``{"ok": False, ...,
+    "error": "ApplyError: why"}`` when it refused or failed, and
+    ``{"ok": None, ...}`` when it never finished (``ran=False``: cancelled or
+    timed out first).
+    """
+    paths: list[str] = []
+    output: str | None = None
+    if isinstance(value, list | tuple) and all(isinstance(p, str) for p in value):
+        paths = list(value)
+    elif isinstance(value, str):
+        output = value[-_OUTPUT_LIMIT:]
+    ok: bool | None = (error is None) if ran or error is not None else None
+    return {"ok": ok, "paths": paths, "output": output, "error": error}
 
 
 async def _apply(apply: Apply, branch: Branch, completion: Completion) -> object:
@@ -44,20 +86,35 @@ async def _apply(apply: Apply, branch: Branch, completion: Completion) -> object
 
 
 def as_candidate(
-    completion: Completion, *, apply: Apply = apply_auto, verify: Candidate | None = None
+    completion: Completion, *, apply: Apply = apply_auto, verify: Candidate | None = None,
+    record: dict[str, Any] | None = None,
 ) -> Candidate:
     """A candidate that applies ``completion`` to its branch, then runs ``verify`` there.
 
     Its verdict is the verifier's (success and score; ``info["verify"]`` holds
-    what the verifier said); without ``verify``, applying is success. An
-    :class:`~branchagent.llm.ApplyError` (or anything ``apply`` raises) fails
-    the candidate with that error, and the verifier does not run. Use it to
-    put model completions into any strategy.
+    what the verifier said: exit status, stdout and stderr tails); without
+    ``verify``, applying is success. ``info["apply"]`` says what applying did
+    (:func:`describe_apply`) and ``info["applied"]`` lists the paths written.
+    An :class:`~branchagent.llm.ApplyError` (or anything ``apply`` raises)
+    fails the candidate with that error, and the verifier does not run; as
+    that verdict is lost with the exception, pass a dict as ``record`` to get
+    the apply record either way (it is updated in place). Use it to put model
+    completions into any strategy.
     """
 
     async def candidate(branch: Branch) -> Verdict:
-        applied = await _apply(apply, branch, completion)
-        info: dict[str, Any] = {}
+        if record is not None:
+            record.update(describe_apply(ran=False))
+        try:
+            applied = await _apply(apply, branch, completion)
+        except Exception as exc:
+            if record is not None:
+                record.update(describe_apply(error=describe_error(exc)))
+            raise
+        done = describe_apply(applied)
+        if record is not None:
+            record.update(done)
+        info: dict[str, Any] = {"apply": done}
         if isinstance(applied, list | tuple) and all(isinstance(p, str) for p in applied):
             info["applied"] = list(applied)
         if verify is None:
@@ -71,10 +128,15 @@ def as_candidate(
 
 
 def describe_completion(completion: Completion, score: float, scorer: Scorer) -> dict[str, Any]:
-    """What :func:`solve` records in each :class:`~branchagent.Result`'s ``info``."""
+    """What :func:`solve` records in each :class:`~branchagent.Result`'s ``info``.
+
+    ``text`` is the completion's text cut to :data:`TEXT_LIMIT` characters
+    (:func:`cap_text`); ``text_chars`` its full length.
+    """
     return {
         "completion": completion.index,
-        "text": completion.text,
+        "text": cap_text(completion.text),
+        "text_chars": len(completion.text),
         "logprob_score": score,
         "scorer": getattr(scorer, "__name__", repr(scorer)),
         "cumulative_logprob": completion.cumulative_logprob,
@@ -124,9 +186,11 @@ async def solve(
     ``branchagent.strategies`` entry-point group (:func:`~branchagent.get_strategy`).
 
     Returns the strategy's :class:`~branchagent.Outcome`; each result's
-    ``info`` holds the completion's ``text``, its ``logprob_score`` and the
-    other fields of :func:`describe_completion`, ``verify`` (the
-    verification's success, score, exit status and output tails) and the
+    ``info`` holds the completion's ``text`` (capped, :func:`cap_text`), its
+    ``logprob_score`` and the other fields of :func:`describe_completion`,
+    ``apply`` (what applying did, or why it refused: :func:`describe_apply`,
+    also for a candidate whose apply failed), ``verify`` (the verification's
+    success, score, exit status and ``stdout_tail``/``stderr_tail``) and the
     paths ``applied``; ``changes`` lists what the branch changed.
     ``Outcome.info["llm"]`` says how sampling went.
     """
@@ -148,13 +212,16 @@ async def solve(
     # this package, below the built-in strategies, never imports them.
     factory: Any = get_strategy(strategy)
     order: Sequence[int] = range(len(completions))
+    records: list[dict[str, Any]] = [describe_apply(ran=False) for _ in completions]
     strat: Strategy
     if strategy == "speculate":
         order = sorted(order, key=lambda i: (-scores[i], i))
-        strat = factory([as_candidate(completions[i], apply=apply, verify=verify)
+        strat = factory([as_candidate(completions[i], apply=apply, verify=verify,
+                                      record=records[i])
                          for i in order], max_parallel=max_parallel, timeout=timeout)
     else:
-        strat = factory([as_candidate(c, apply=apply, verify=verify) for c in completions],
+        strat = factory([as_candidate(c, apply=apply, verify=verify, record=records[i])
+                         for i, c in enumerate(completions)],
                         scores=scores, commit=commit, max_parallel=max_parallel,
                         timeout=timeout)
     outcome = await strat.run(target)
@@ -162,7 +229,7 @@ async def solve(
     def enrich(r: Result) -> Result:
         i = order[r.index]
         return attrs.evolve(r, info={**describe_completion(completions[i], scores[i], scorer),
-                                     **r.info})
+                                     **r.info, "apply": records[i]})
 
     results = tuple(enrich(r) for r in outcome.results)
     by_index = {r.index: r for r in results}

@@ -3,7 +3,7 @@
 ::
 
     branchagent serve --upstream http://127.0.0.1:8000/v1 -w REPO --verify 'pytest -q' \\
-        [--apply auto|diff|code|command|file:PATH] [--best-of 4] [--max-concurrent 4] \\
+        [--apply auto|diff|code|code:PATH|command|file:PATH] [--best-of 4] [--max-concurrent 4] \\
         [--host 127.0.0.1] [--port 8100] [--backend copy] [--report-dir DIR]
 
 (install with ``pip install 'branchagent[serve]'``: starlette, uvicorn, httpx).
@@ -30,6 +30,11 @@ The extension field. Each returned choice carries::
         "verified": true, "score": 1.0 | null, "returncode": 0 | null,
         "branch": "b-...", "changes": ["path", ...], "logprob": -1.23,
         "upstream_index": 3, "error": null, "duration": 0.12, "committed": false,
+        "text": "the completion (cut at 16000 characters, with a marker line)",
+        "text_chars": 412,
+        "apply": {"ok": true, "paths": ["calc.py"], "output": null, "error": null},
+        "verify": {"returncode": 0, "killed": null, "stdout_tail": "...",
+                   "stderr_tail": "...", "stdout_chars": 120, "stderr_chars": 0},
     }
 
 and the response's top level ``response["branchagent"] = {"best_of", "n",
@@ -39,7 +44,14 @@ and the response's top level ``response["branchagent"] = {"best_of", "n",
 one self-contained HTML file per request, every candidate with its verdict,
 timing and diff; see :meth:`branchagent.Outcome.to_html`).
 ``error`` says why a candidate failed to apply (``"ApplyError: ..."``) or was
-killed. ``best_of`` and ``commit`` are not sent upstream.
+killed. ``apply`` says what applying did: the paths written (``ok`` true), or
+why it refused (``ok`` false, ``error``); ``verify`` holds the last 4096
+characters of the verifier's stdout and of its stderr (``null`` when it did
+not run). ``--apply file:PATH`` writes the completion's one fenced code block
+to PATH (its whole text when it has none; of several blocks, the only one whose
+language fits PATH's extension, else the candidate is refused);
+``--apply code:PATH`` writes the blocks that name files, or a lone unnamed
+block to PATH. ``best_of`` and ``commit`` are not sent upstream.
 
 Errors (:class:`ServeError`, a :class:`~branchagent.BranchAgentError`) come as
 OpenAI-shaped JSON, ``{"error": {"message", "type", "code"}}``:

@@ -25,17 +25,21 @@ from .._limits import Limits
 from .._log import get_logger
 from .._rwlock import RWLock
 from .._workspace import Workspace, open_workspace
-from ..exceptions import BranchAgentError, ServeError
+from ..exceptions import BranchAgentError, PathEscapeError, ServeError
 from ..llm import (
     Apply,
     ApplyError,
     Completion,
     apply_auto,
     apply_diff,
+    cap_text,
+    check_relative_path,
     completions_from_openai,
+    describe_apply,
     get_scorer,
     run_command,
     write_code_blocks,
+    write_file,
 )
 from ..llm._solve import _apply
 from ..strategy import Command, run_candidate
@@ -47,8 +51,13 @@ __all__ = ["APPLY_MODES", "EXTENSION", "ServeConfig", "ServeError", "create_app"
 #: The key of the extension field in each returned choice (and at the response's top level).
 EXTENSION = "branchagent"
 
-#: ``--apply`` names (``file:PATH`` writes the completion's whole text to PATH).
-APPLY_MODES = ("auto", "diff", "code", "command", "file:PATH")
+#: ``--apply`` names. ``file:PATH`` writes the completion's one code block to PATH (its whole
+#: text when it has none); ``code:PATH`` writes the blocks that name files, or a lone unnamed
+#: block to PATH.
+APPLY_MODES = ("auto", "diff", "code", "code:PATH", "command", "file:PATH")
+
+#: Most characters of the verifier's stdout and of its stderr kept in a candidate's record.
+TAIL_LIMIT = 4096
 
 _OUR_FIELDS = ("best_of", "commit")
 
@@ -65,16 +74,24 @@ def _bad_request(message: str) -> ServeError:
     return ServeError(400, message, "invalid_request_error", "invalid_request")
 
 
-def _write_text(path: str, branch: Branch, completion: Completion) -> list[str]:
-    target = branch.resolve(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(completion.text, encoding="utf-8")
-    return [path]
+def _mode_path(apply: str, prefix: str) -> str:
+    path = apply[len(prefix):]
+    try:
+        return check_relative_path(path)
+    except PathEscapeError as exc:
+        raise ValueError(f"--apply {apply!r}: {exc}; give a path inside the workspace, e.g. "
+                         f"{prefix}calc.py or {prefix}src/calc.py") from None
 
 
 def resolve_apply(apply: str | Apply, *, isolate: bool = True,
                   timeout: float | None = 60.0) -> Apply:
-    """The action an ``--apply`` name stands for (a callable is returned as is)."""
+    """The action an ``--apply`` name stands for (a callable is returned as is).
+
+    ``file:PATH`` is :func:`~branchagent.llm.write_file` (the one code block,
+    or the whole text when there is none); ``code:PATH`` is
+    :func:`~branchagent.llm.write_code_blocks` with ``path=PATH`` (a lone
+    unnamed block goes to PATH). PATH must be relative, without ``..``.
+    """
     if callable(apply):
         return apply
     if apply == "auto":
@@ -85,8 +102,10 @@ def resolve_apply(apply: str | Apply, *, isolate: bool = True,
         return write_code_blocks
     if apply == "command":
         return functools.partial(run_command, isolate=isolate, timeout=timeout)
-    if isinstance(apply, str) and apply.startswith("file:") and len(apply) > 5:
-        return functools.partial(_write_text, apply[5:])
+    if isinstance(apply, str) and apply.startswith("file:"):
+        return functools.partial(write_file, path=_mode_path(apply, "file:"))
+    if isinstance(apply, str) and apply.startswith("code:"):
+        return functools.partial(write_code_blocks, path=_mode_path(apply, "code:"))
     raise ValueError(f"apply must be one of {', '.join(APPLY_MODES)}, got {apply!r}")
 
 
@@ -147,6 +166,8 @@ class _Trial:
     started: float | None = None
     ended: float | None = None
     diff: str | None = None
+    apply: dict[str, Any] = attrs.Factory(lambda: describe_apply(ran=False))
+    verify: dict[str, Any] | None = None
 
     def extension(self) -> dict[str, Any]:
         return {
@@ -154,6 +175,8 @@ class _Trial:
             "branch": self.branch, "changes": self.changes, "logprob": self.logprob,
             "upstream_index": self.completion.index, "error": self.error,
             "duration": round(self.duration, 6), "committed": False,
+            "text": cap_text(self.completion.text), "text_chars": len(self.completion.text),
+            "apply": self.apply, "verify": self.verify,
         }
 
     def rank(self) -> tuple[float, float, int]:
@@ -219,14 +242,16 @@ class _Server:
         t.branch = branch.name
         try:
             try:
-                await _apply(self.apply, branch, t.completion)
+                applied = await _apply(self.apply, branch, t.completion)
             except ApplyError as exc:
                 t.error = f"ApplyError: {exc}"
+                t.apply = describe_apply(error=t.error)
                 return
             except Exception as exc:
                 raise ServeError(500, f"applying candidate {t.completion.index} crashed: "
                                       f"{type(exc).__name__}: {exc}",
                                  "verification_error") from exc
+            t.apply = describe_apply(applied)
             try:
                 if self.verifier is None:
                     t.verified, t.returncode = True, None
@@ -235,6 +260,7 @@ class _Server:
                     t.verified, t.score = verdict.success, verdict.score
                     rc = verdict.info.get("returncode")
                     t.returncode = rc if isinstance(rc, int) else None
+                    t.verify = _verify_record(verdict.info)
                     if not verdict.success and verdict.info.get("killed"):
                         t.error = f"killed: {verdict.info['killed']}"
                 t.changes = [c.path for c in await branch.changes()]
@@ -386,6 +412,18 @@ class _Server:
         return str(data[0].get("id"))
 
 
+def _verify_record(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The verifier's exit status, kill reason and the last :data:`TAIL_LIMIT` characters of
+    its stdout and stderr (with their full lengths)."""
+    out, err = info.get("stdout_tail"), info.get("stderr_tail")
+    return {
+        "returncode": info.get("returncode"), "killed": info.get("killed"),
+        "stdout_tail": out[-TAIL_LIMIT:] if isinstance(out, str) else None,
+        "stderr_tail": err[-TAIL_LIMIT:] if isinstance(err, str) else None,
+        "stdout_chars": info.get("stdout_chars"), "stderr_chars": info.get("stderr_chars"),
+    }
+
+
 async def _diff_of(branch: Branch) -> str | None:
     try:
         return bounded_diff(await branch.diff())
@@ -398,9 +436,14 @@ def _trace(trials: list[_Trial], chosen: list[_Trial], committed: str | None,
     """One request's candidates as an outcome dict (``Outcome.to_dict``'s shape)."""
     results = []
     for i, t in enumerate(trials):
+        verify = t.verify or {}
         info: dict[str, Any] = {"returncode": t.returncode, "logprob": t.logprob,
                                 "upstream_index": t.completion.index,
-                                "completion": t.completion.text[-4000:],
+                                "text": cap_text(t.completion.text),
+                                "text_chars": len(t.completion.text),
+                                "apply": t.apply,
+                                "stdout_tail": verify.get("stdout_tail"),
+                                "stderr_tail": verify.get("stderr_tail"),
                                 "chosen": any(t is c for c in chosen)}
         results.append({
             "index": i, "parent": None, "depth": 0, "success": t.verified, "score": t.score,

@@ -29,8 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: applying is verifying)")
     p.add_argument("--apply", default="auto", metavar="MODE",
                    help="how a completion changes its branch: auto (a diff, else named code "
-                        "blocks), diff, code, command (run the shell command it returns) or "
-                        "file:PATH (its whole text becomes PATH); default auto")
+                        "blocks), diff, code (blocks that name files), code:PATH (those, or "
+                        "one unnamed block to PATH), command (run the shell command it "
+                        "returns) or file:PATH (its one code block, or its whole text when "
+                        "it has none, becomes PATH); default auto")
     p.add_argument("--best-of", type=int, default=4, metavar="K",
                    help="candidates asked of upstream when a request gives no best_of (4)")
     p.add_argument("--max-concurrent", type=int, default=4, metavar="N",
