@@ -549,3 +549,100 @@ def test_report_dir_must_exist(repo: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a directory"):
         ServeConfig(upstream="http://upstream.test/v1", workspace=repo,
                     report_dir=tmp_path / "missing")
+
+
+# -- issue 15: chat-shaped answers, file:PATH, records that explain ---------------------------
+
+ADD = "def add(a, b):\n    return a + b\n"
+
+
+def chat_answer(body: str) -> str:
+    """What a small chat model answers: prose around one ```python block."""
+    return (f"Sure! Here is `calc.py`:\n\n```python\n{body}```\n\n"
+            "This function returns the sum of `a` and `b`.\n")
+
+
+#: Mean logprobs -0.1, -0.2, -0.3, -0.4: the wrong and the prose-only answers rank first.
+CHAT_SCRIPT: list[tuple[str, list[float]]] = [
+    (chat_answer("def add(a, b):\n    return a - b\n"), [-0.1]),
+    ("I'm sorry, I can only describe it: add returns a plus b.", [-0.2]),
+    (chat_answer(ADD), [-0.3]),
+    (chat_answer(ADD) + "Or shorter:\n```python\ndef add(a, b): return b + a\n```\n", [-0.4]),
+]
+PYTEST = f"{sys.executable} -m pytest -q -p no:cacheprovider"
+
+
+async def test_issue_15_story_file_mode_commits_the_verified_chat_answer(
+    repo: Path, tmp_path: Path
+) -> None:
+    """The issue's setup with fake chat answers: 1 of 4 verifies, is committed, and the
+    records show every candidate's text, what apply did and the verifier's tails."""
+    (repo / "test_calc.py").write_text(
+        "from calc import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n")
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    async with serving(repo, FakeUpstream(CHAT_SCRIPT), verify=PYTEST, apply="file:calc.py",
+                       report_dir=reports) as (client, _):
+        r = await client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Write calc.py with add(a, b)."}],
+            "best_of": 4, "commit": True})
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert (repo / "calc.py").read_text() == ADD  # the block, not the prose around it
+    (choice,) = doc["choices"]
+    assert choice["message"]["content"] == CHAT_SCRIPT[2][0]
+    assert ext(choice)["committed"] is True
+    top = doc[EXTENSION]
+    assert (top["verified"], top["returned"]) == (1, 1)
+    wrong, prose, right, two = top["candidates"]
+    assert [c["text"] for c in top["candidates"]] == [t for t, _ in CHAT_SCRIPT]
+    assert all(c["text_chars"] == len(c["text"]) for c in top["candidates"])
+    assert right["apply"] == {"ok": True, "paths": ["calc.py"], "output": None, "error": None}
+    assert "1 passed" in right["verify"]["stdout_tail"]
+    assert right["verify"]["returncode"] == 0
+    assert wrong["verified"] is False
+    assert "assert -1 == 5" in wrong["verify"]["stdout_tail"]
+    assert prose["apply"]["ok"] is True  # no block: the whole text is written
+    assert "SyntaxError" in prose["verify"]["stdout_tail"]
+    assert two["apply"]["ok"] is False
+    assert "2 fenced code blocks (python, python)" in two["apply"]["error"]
+    assert two["error"] == two["apply"]["error"]
+    assert two["verify"] is None  # refused: the verifier never ran
+    # the lineage report carries the same records
+    page = await anyio.Path(top["report"]).read_text()
+    trace = json.loads(page.split('id="trace">', 1)[1].split("</script>", 1)[0])
+    infos = [c["info"] for c in trace["results"]]
+    assert [i["text"] for i in infos] == [t for t, _ in CHAT_SCRIPT]
+    assert "1 passed" in infos[2]["stdout_tail"]
+    assert infos[3]["apply"]["ok"] is False
+
+
+async def test_code_mode_with_a_path_and_its_refusals(repo: Path) -> None:
+    script = [
+        (chat_answer(ADD), [-0.1]),
+        ("add(a, b) returns a + b; no code needed.", [-0.2]),
+        ("```python ../escape.py\nprint('pwned')\n```\n", [-0.3]),
+        ("```python /etc/passwd\nroot::0:0::/:/bin/sh\n```\n", [-0.4]),
+    ]
+    async with serving(repo, FakeUpstream(script), verify="test -f calc.py",
+                       apply="code:calc.py") as (client, _):
+        r = await client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "calc.py"}], "best_of": 4})
+    assert r.status_code == 200, r.text
+    ok, none, dotdot, absolute = r.json()[EXTENSION]["candidates"]
+    assert (ok["verified"], ok["changes"], ok["apply"]["paths"]) == (True, ["calc.py"],
+                                                                    ["calc.py"])
+    assert none["apply"]["ok"] is False
+    assert "0 fenced code block(s)" in none["apply"]["error"]
+    assert "'../escape.py'" in dotdot["error"]
+    assert "outside the branch" in dotdot["error"]
+    assert "absolute" in absolute["error"]
+    assert all(c["changes"] == [] for c in (none, dotdot, absolute))
+    assert pristine(repo)
+    assert not (repo.parent / "escape.py").exists()
+
+
+@pytest.mark.parametrize("mode", ["file:../calc.py", "code:/abs/calc.py", "file:"])
+def test_apply_path_outside_the_workspace_is_refused_at_start(repo: Path, mode: str) -> None:
+    with pytest.raises(ValueError, match="give a path inside the workspace"):
+        ServeConfig(upstream="http://upstream.test/v1", workspace=repo, apply=mode)

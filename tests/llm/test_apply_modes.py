@@ -68,9 +68,14 @@ async def refused(repo: Path, action: Any, text: str, match: str) -> ApplyError:
             await action(b, completion(0, text))
         assert await b.changes() == []
         await b.abort()
-    assert sorted(p.name for p in repo.iterdir()) == ["README.md"]
-    assert (repo.parent / "outside.txt").read_text() == "secret\n"
+    assert pristine(repo)
     return info.value
+
+
+def pristine(repo: Path) -> bool:
+    """Only the fixture's files, inside and outside the workspace, as the fixture wrote them."""
+    return (sorted(p.name for p in repo.iterdir()) == ["README.md"]
+            and (repo.parent / "outside.txt").read_text() == "secret\n")
 
 
 # -- file:PATH -------------------------------------------------------------------------------
@@ -85,7 +90,7 @@ async def test_write_file_writes_the_lone_block_not_the_prose(repo: Path) -> Non
 
 
 async def test_write_file_writes_the_raw_text_when_there_is_no_block(repo: Path) -> None:
-    value, files = await written(repo, write_calc, "x = 1  # no fences at all")
+    _, files = await written(repo, write_calc, "x = 1  # no fences at all")
     assert files == {"calc.py": "x = 1  # no fences at all"}
 
 
@@ -244,11 +249,13 @@ async def test_solve_story_chat_answers_file_mode_pytest(repo: Path) -> None:
         outcome = await llm.solve(ws, ScriptedSource(STORY), "write calc.py", n=5,
                                   apply=write_calc, verify=PYTEST)
     assert [r.success for r in outcome.results] == [False, False, True, False, True]
-    assert outcome.winner is not None and outcome.winner.info["completion"] == 2
+    assert outcome.winner is not None
+    assert outcome.winner.info["completion"] == 2
     assert (repo / "calc.py").read_text() == ADD
     wrong, prose, right, two, long = (r.info for r in outcome.results)
     # texts, capped with a marker
-    assert right["text"] == CHAT_ANSWER and right["text_chars"] == len(CHAT_ANSWER)
+    assert right["text"] == CHAT_ANSWER
+    assert right["text_chars"] == len(CHAT_ANSWER)
     assert long["text"].endswith(f"of {len(STORY[4].text)} characters)\n")
     assert long["text_chars"] == len(STORY[4].text) > llm.TEXT_LIMIT
     # what apply did, or why it refused
@@ -278,4 +285,5 @@ async def test_solve_records_apply_that_never_ran(repo: Path) -> None:
                                   "p", n=2, apply=slow, strategy="speculate")
     first = next(r for r in outcome.results if r.info["completion"] == 0)
     assert first.info["apply"]["ok"] is None
-    assert first.error is not None and first.error.startswith("Cancelled")
+    assert first.error is not None
+    assert first.error.startswith("Cancelled")
