@@ -145,9 +145,16 @@ def digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def written(text: str) -> str:
+    """What ``--apply file:candidate.txt`` writes for ``text``: its one code block, if the noise
+    happens to hold one, else the whole text."""
+    block = llm.pick_code_block(llm.parse_code_blocks(text), "candidate.txt")
+    return text if block is None else block.code
+
+
 def accepting(texts: Sequence[str]) -> str:
-    """A verifier (shell): passes iff candidate.txt is one of ``texts``."""
-    pattern = "|".join(digest(t) for t in texts)
+    """A verifier (shell): passes iff candidate.txt is what ``file:`` writes for a text."""
+    pattern = "|".join(digest(written(t)) for t in texts)
     return f'sha256sum candidate.txt | grep -qE "^({pattern}) "'
 
 
@@ -207,6 +214,9 @@ async def test_serve_returns_only_verified_choices(vllm_server: str, repo: Path,
                 assert ext["logprob"] == pytest.approx(llm.mean_logprob(completions[i]),
                                                        abs=1e-4)
                 assert ext["committed"] is False
+                assert ext["text"] == llm.cap_text(completions[i].text)
+                assert ext["apply"]["paths"] == ["candidate.txt"]
+                assert ext["verify"]["returncode"] == 0
             top = response.model_dump()["branchagent"]
             assert top["best_of"] == K
             assert top["verified"] == 2
@@ -219,7 +229,8 @@ async def test_serve_returns_only_verified_choices(vllm_server: str, repo: Path,
             (choice,) = committed.choices
             assert extension(choice)["committed"] is True
             assert choice.text == completions[accepted[0]].text
-    assert (repo / "candidate.txt").read_text(encoding="utf-8") == completions[accepted[0]].text
+    assert (repo / "candidate.txt").read_text(encoding="utf-8") == written(
+        completions[accepted[0]].text)
     log = (tmp_path / "serve.log").read_text(errors="replace")
     assert log.count("serve_request") >= 3
 
