@@ -280,8 +280,11 @@ var node=document.querySelector('.node[data-index="'+i+'"]');
 if(node){node.classList.add('selected');}
 head.textContent='#'+i+' '+(r.branch||'');
 meta.innerHTML='';
+var inf=r.info||{};var ver=inf.verify||{};var ap=inf.apply||{};
 var rows=[['changes',(r.changes||[]).join('\\n')||'none'],['error',r.error||''],
-['stdout',(r.info&&r.info.stdout_tail)||''],['stderr',(r.info&&r.info.stderr_tail)||'']];
+['applied',(ap.paths||[]).join('\\n')],
+['stdout',inf.stdout_tail||ver.stdout_tail||''],['stderr',inf.stderr_tail||ver.stderr_tail||''],
+['completion',typeof inf.text==='string'?inf.text:'']];
 rows.forEach(function(kv){if(!kv[1]){return;}var dt=document.createElement('dt');
 dt.textContent=kv[0];var dd=document.createElement('dd');dd.textContent=kv[1];
 meta.appendChild(dt);meta.appendChild(dd);});
