@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -60,7 +61,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -69,7 +69,7 @@ import textwrap
 import time
 import zipfile
 from base64 import urlsafe_b64encode
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +194,7 @@ def prep_npm(tree: Path, data: Path, sz: Sizes) -> None:
         with tarfile.open(fileobj=buf, mode="w:gz") as tf:
             for f in range(sz.npm_files):
                 sub = ("lib", "dist", "src", "lib/util", "types")[f % 5]
-                name = ("package.json" if f == 0 else f"README.md" if f == 1
+                name = ("package.json" if f == 0 else "README.md" if f == 1
                         else f"{sub}/m{f:03d}.{'d.ts' if sub == 'types' else 'js'}")
                 size = rnd.randint(100, 4000)
                 body = corpus[:size].encode()
@@ -390,9 +390,9 @@ def prep_pytest(tree: Path, data: Path, sz: Sizes) -> None:
             if kind == 0:
                 body += [f"def test_add_{t}():", f"    assert add({t}, {f}) == {t + f}", ""]
             elif kind == 1:
-                body += [f"@pytest.mark.parametrize('n', [1, 2, 3])",
+                body += ["@pytest.mark.parametrize('n', [1, 2, 3])",
                          f"def test_words_{t}(n):",
-                         f"    assert len(words('a b c ' * n)) == 3 * n", ""]
+                         "    assert len(words('a b c ' * n)) == 3 * n", ""]
             elif kind == 2:
                 body += [f"def test_save_{t}(tmp_path):",
                          f"    assert save(tmp_path / 'f{t}.txt', 'x' * {t + 1}) == {t + 1}", ""]
@@ -522,9 +522,7 @@ class Runner:
             where = o.merged
         else:
             where = self.fresh("native")
-            await anyio.to_thread.run_sync(
-                lambda: subprocess.run(["cp", "-a", os.fspath(tpl), os.fspath(where)],
-                                       check=True))
+            await anyio.run_process(["cp", "-a", tpl, where])
             if w.git:  # a used checkout: the index matches the files' stat
                 await anyio.run_process(["git", "update-index", "-q", "--refresh"],
                                         cwd=where, env={**os.environ, **env}, check=False)
@@ -567,8 +565,7 @@ class Runner:
         data.mkdir(parents=True, exist_ok=True)
         for m in ("fuse", "copy"):
             if m in modes:
-                await anyio.to_thread.run_sync(lambda m=m: subprocess.run(
-                    ["cp", "-a", os.fspath(tpls["native"]), os.fspath(tpls[m])], check=True))
+                await anyio.run_process(["cp", "-a", tpls["native"], tpls[m]])
         if w.git:  # every template's index matches its own files, as in a used checkout
             for m, tpl in tpls.items():
                 if m == "native" or m in modes:
@@ -585,14 +582,15 @@ class Runner:
                     spaces[m] = await stack.enter_async_context(
                         ba.open_workspace(tpls[m], backend=m))
             order = list(modes)
-            for i in range(self.args.reps + 1):  # rep 0 warms the page cache, not counted
+            warm = self.args.warmup
+            for i in range(self.args.reps + warm):  # warm-ups fill the page cache, uncounted
                 for m in order[i % len(order):] + order[:i % len(order)]:
                     if m in spaces:
                         inner, wall = await self.branch(w, spaces[m], m, argv, env)
                     else:
                         inner, wall = await self.native(w, tpls["native"], argv, env,
                                                         overlay=m == "overlay")
-                    if i > 0:
+                    if i >= warm:
                         self.samples.add(f"{w.name}/{m}", inner)
                         self.samples.add(f"{w.name}/{m}/wall", wall)
         for tpl in tpls.values():
@@ -605,7 +603,7 @@ class Runner:
         for n in sz.fork_sizes:
             root = self.tmp / f"forktree-{n}"
             t0 = time.monotonic()
-            await anyio.to_thread.run_sync(lambda: fast_tree(root, n, seed=n))
+            await anyio.to_thread.run_sync(functools.partial(fast_tree, root, n, seed=n))
             self.log(f"fork at {n} files (tree in {time.monotonic() - t0:.1f} s)")
             async with ba.open_workspace(root, backend="fuse") as ws:
                 await (await ws.fork()).abort()  # warm-up
@@ -670,6 +668,10 @@ def geomean(xs: Sequence[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
 
 
+def _geo(by_name: dict[str, float]) -> float:
+    return geomean([v for k, v in by_name.items() if k != "create-unlink"])
+
+
 def targets(s: Samples, r: dict[str, dict[str, float]], sizes: Sizes
             ) -> list[tuple[str, str, bool | None]]:
     """(target, measured, met) for each of issue 11's targets; met None: not measured."""
@@ -718,8 +720,8 @@ def render(facts: dict[str, str], s: Samples, args: argparse.Namespace, sizes: S
         f" {m} median | p95 |" + ("" if m == "native" else f" {m} / native |") for m in modes)
     sep = "|---|" + "".join("---:|---:|" + ("" if m == "native" else "---:|") for m in modes)
     out = [f"Machine: {machine_line(facts)}. Load average (1/5/15 min) {la} at start, {lb} at "
-           f"end; run took {seconds:.0f} s; {args.reps} repetitions per mode (after one "
-           "uncounted warm-up), modes interleaved. Times in ms, measured inside the run.",
+           f"end; run took {seconds:.0f} s; {args.reps} repetitions per mode (after {args.warmup} "
+           "uncounted), modes interleaved. Times in ms, measured inside the run.",
            "", head, sep]
     for n in names:
         row = f"| {n} |"
@@ -731,9 +733,7 @@ def render(facts: dict[str, str], s: Samples, args: argparse.Namespace, sizes: S
                 row += " - |" if v is None else f" {v:.2f}x |"
         out.append(row)
     geo = "| geomean (create-unlink apart) |" + "".join(
-        " | |" + ("" if m == "native" else
-                  f" {geomean([v for k, v in r.get(m, {}).items() if k != 'create-unlink']):.2f}x |")
-        for m in modes)
+        " | |" + ("" if m == "native" else f" {_geo(r.get(m, {})):.2f}x |") for m in modes)
     out.append(geo)
     out += ["", "Whole call (spawn, sandbox set-up and the command; `Branch.run` for fuse and "
             "copy, `anyio.run_process` otherwise), median ms:", "",
@@ -777,6 +777,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="small sizes and 1 repetition: a smoke run of a minute or two")
     p.add_argument("--reps", type=int, default=None,
                    help="counted repetitions per workload and mode (3; --quick: 1)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="uncounted repetitions first, per workload and mode (1; --quick: 0)")
     p.add_argument("--only", type=_names, default=[w.name for w in WORKLOADS],
                    help=f"workloads, comma-separated (all: {','.join(BY_NAME)})")
     p.add_argument("--modes", type=_names, default=list(MODES),
@@ -798,8 +800,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.modes = ["native", *[m for m in MODES if m in args.modes and m != "native"]]
     if args.reps is None:
         args.reps = 1 if args.quick else 3
-    if args.reps < 1:
-        p.error("--reps must be at least 1")
+    if args.warmup is None:
+        args.warmup = 0 if args.quick else 1
+    if args.reps < 1 or args.warmup < 0:
+        p.error("--reps must be at least 1 and --warmup at least 0")
     return args
 
 
