@@ -733,7 +733,8 @@ def render(facts: dict[str, str], s: Samples, args: argparse.Namespace, sizes: S
                 row += " - |" if v is None else f" {v:.2f}x |"
         out.append(row)
     geo = "| geomean (create-unlink apart) |" + "".join(
-        " | |" + ("" if m == "native" else f" {_geo(r.get(m, {})):.2f}x |") for m in modes)
+        " | |" + ("" if m == "native" else f" {_geo(r.get(m, {})):.2f}x |".replace("nanx", "-"))
+        for m in modes)
     out.append(geo)
     out += ["", "Whole call (spawn, sandbox set-up and the command; `Branch.run` for fuse and "
             "copy, `anyio.run_process` otherwise), median ms:", "",
