@@ -34,7 +34,10 @@ Workloads (``--quick`` shrinks each):
 - ``cp-r``: ``cp -r`` of a 5k-file source tree inside the tree;
 - ``git-status``, ``git-diff`` (``git diff HEAD~4``), ``git-log-p`` (``git log
   -p`` of the whole history), ``git-checkout`` (``git checkout HEAD~4``): a
-  10k-file text repository with five commits and 20 uncommitted edits;
+  10k-file text repository with five commits and 20 uncommitted edits; and
+  ``git-status-2nd``, ``git status`` run once untimed, then timed (in a fresh
+  branch the first one re-reads every file whose stat no longer matches the
+  index, and rewrites the index);
 - ``cbuild``: ``./configure && make -j2`` of a generated C project (40 .c files,
   a configure shell script that probes the compiler, a Makefile);
 - ``pytest``: a generated suite of 300 small tests;
@@ -433,6 +436,7 @@ class Workload:
     script: Callable[[Sizes], str]  # sh; cwd = the tree, $BENCH_DATA, $BENCH_PY
     prepare: Callable[[Path, Path, Sizes], None]  # (tree, data, sizes)
     git: bool = False
+    setup: str = ""  # sh, run in the same process before the timer starts
 
 
 _PIP = ('"$BENCH_PY" -m venv venv\nvenv/bin/python -m pip install -q --no-index '
@@ -448,6 +452,8 @@ WORKLOADS = (
              prep_tarball),
     Workload("cp-r", "cp -r of a source tree", lambda s: "cp -r src src-copy", prep_cp),
     Workload("git-status", "git status", lambda s: "git status", prep_git, git=True),
+    Workload("git-status-2nd", "git status, a second time in the same branch",
+             lambda s: "git status", prep_git, git=True, setup="git status"),
     Workload("git-diff", "git diff HEAD~4", lambda s: "git diff HEAD~4", prep_git, git=True),
     Workload("git-log-p", "git log -p (whole history)", lambda s: "git log -p", prep_git,
              git=True),
@@ -464,9 +470,11 @@ WORKLOADS = (
 BY_NAME = {w.name: w for w in WORKLOADS}
 
 
-def wrap(script: str) -> str:
-    """Time ``script`` inside the process: spawn and sandbox setup are not counted."""
-    return (f"s=$(date +%s%N)\n(\nset -e\n{script}\n) >/dev/null\nrc=$?\ne=$(date +%s%N)\n"
+def wrap(script: str, setup: str = "") -> str:
+    """Time ``script`` inside the process: spawn, sandbox set-up and ``setup`` are not
+    counted."""
+    pre = f"(\nset -e\n{setup}\n) >/dev/null || exit 99\n" if setup else ""
+    return (f"{pre}s=$(date +%s%N)\n(\nset -e\n{script}\n) >/dev/null\nrc=$?\ne=$(date +%s%N)\n"
             f'echo "{MARK} $((e - s)) $rc"\nexit $rc\n')
 
 
@@ -574,7 +582,7 @@ class Runner:
         self.log(f"{w.name}: prepared in {time.monotonic() - t0:.1f} s; "
                  f"{self.args.reps} reps x {','.join(modes)}")
         env = self.env(data)
-        argv = ["sh", "-c", wrap(w.script(self.sizes))]
+        argv = ["sh", "-c", wrap(w.script(self.sizes), w.setup)]
         async with contextlib.AsyncExitStack() as stack:
             spaces: dict[str, ba.Workspace] = {}
             for m in ("fuse", "copy"):
