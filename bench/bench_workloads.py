@@ -94,6 +94,9 @@ MARK = "@@bench"
 #: Issue 11's targets.
 GEOMEAN_MAX, WORST_MAX, CREATE_MAX, GIT_STATUS_MAX = 1.3, 2.0, 3.0, 1.5
 FORK_P50_MAX_US, FLAT_MAX, COMMIT_P50_MAX_MS = 350.0, 2.0, 1.0
+#: Left out of the geometric mean: a micro-benchmark with its own target, and a
+#: second look at ``git status`` (the same workload, already counted).
+NOT_IN_GEOMEAN = frozenset({"create-unlink", "git-status-2nd"})
 
 
 @attrs.frozen(kw_only=True)
@@ -606,7 +609,8 @@ class Runner:
         await anyio.to_thread.run_sync(remove_tree, base)
 
     async def fork_commit(self) -> None:
-        """FUSE: the caller's time of fork against tree size; commit of one small file."""
+        """FUSE: the caller's time of fork, and of the commit of one new 1 KB file, against
+        tree size."""
         sz = self.sizes
         for n in sz.fork_sizes:
             root = self.tmp / f"forktree-{n}"
@@ -620,16 +624,14 @@ class Runner:
                     b = await ws.fork()
                     self.samples.add(f"fork/{n}", time.perf_counter_ns() - t1)
                     await b.abort()
-                if n == max(sz.fork_sizes):
-                    self.log(f"commit of one 1 KB file on {n} files")
-                    payload = random.Random(7).randbytes(1000)
-                    for i in range(sz.commits + 1):
-                        b = await ws.fork()
-                        (b.path / f"new-{i:04d}.bin").write_bytes(payload)
-                        t1 = time.perf_counter_ns()
-                        await b.commit()
-                        if i > 0:
-                            self.samples.add("commit/1KB", time.perf_counter_ns() - t1)
+                payload = random.Random(7).randbytes(1000)
+                for i in range(sz.commits + 1):
+                    b = await ws.fork()
+                    (b.path / f"new-{i:04d}.bin").write_bytes(payload)
+                    t1 = time.perf_counter_ns()
+                    await b.commit()
+                    if i > 0:
+                        self.samples.add(f"commit/{n}", time.perf_counter_ns() - t1)
             await anyio.to_thread.run_sync(remove_tree, root)
 
 
@@ -677,7 +679,7 @@ def geomean(xs: Sequence[float]) -> float:
 
 
 def _geo(by_name: dict[str, float]) -> float:
-    return geomean([v for k, v in by_name.items() if k != "create-unlink"])
+    return geomean([v for k, v in by_name.items() if k not in NOT_IN_GEOMEAN])
 
 
 def targets(s: Samples, r: dict[str, dict[str, float]], sizes: Sizes
@@ -685,10 +687,10 @@ def targets(s: Samples, r: dict[str, dict[str, float]], sizes: Sizes
     """(target, measured, met) for each of issue 11's targets; met None: not measured."""
     fuse = r.get("fuse", {})
     out: list[tuple[str, str, bool | None]] = []
-    main = {k: v for k, v in fuse.items() if k != "create-unlink"}
+    main = {k: v for k, v in fuse.items() if k not in NOT_IN_GEOMEAN}
     if main:
         g = geomean(list(main.values()))
-        out.append((f"FUSE geomean over the workloads (create-unlink apart) <= {GEOMEAN_MAX}x",
+        out.append((f"FUSE geomean over the workloads <= {GEOMEAN_MAX}x",
                     f"{g:.2f}x", g <= GEOMEAN_MAX))
         worst = max(main, key=lambda k: main[k])
         out.append((f"no workload above {WORST_MAX}x", f"worst {worst} {main[worst]:.2f}x",
@@ -709,11 +711,11 @@ def targets(s: Samples, r: dict[str, dict[str, float]], sizes: Sizes
         flat = max(p50.values()) / min(p50.values())
         out.append((f"fork flat from {min(p50):,} to {max(p50):,} files (largest p50 <= "
                     f"{FLAT_MAX}x smallest)", f"{flat:.2f}x", flat <= FLAT_MAX))
-    c = s.get("commit/1KB")
-    if c is not None:
-        out.append((f"commit of one small file p50 <= {COMMIT_P50_MAX_MS} ms",
-                    f"{c.median_ms:.2f} ms (p95 {c.p95_ms:.2f})",
-                    c.median_ms <= COMMIT_P50_MAX_MS))
+    c50 = {n: st.median_ms for n in sizes.fork_sizes if (st := s.get(f"commit/{n}"))}
+    if c50:
+        out.append((f"commit of one small file p50 <= {COMMIT_P50_MAX_MS} ms at every size",
+                    ", ".join(f"{n:,}: {v:.2f} ms" for n, v in c50.items()),
+                    max(c50.values()) <= COMMIT_P50_MAX_MS))
     return out
 
 
@@ -740,7 +742,7 @@ def render(facts: dict[str, str], s: Samples, args: argparse.Namespace, sizes: S
                 v = r.get(m, {}).get(n)
                 row += " - |" if v is None else f" {v:.2f}x |"
         out.append(row)
-    geo = "| geomean (create-unlink apart) |" + "".join(
+    geo = "| geomean (without create-unlink, git-status-2nd) |" + "".join(
         " | |" + ("" if m == "native" else f" {_geo(r.get(m, {})):.2f}x |".replace("nanx", "-"))
         for m in modes)
     out.append(geo)
@@ -761,10 +763,11 @@ def render(facts: dict[str, str], s: Samples, args: argparse.Namespace, sizes: S
             if st is not None:
                 out.append(f"| fork, {n:,} files | {st.n} | {st.median_ms * 1000:.0f} us | "
                            f"{st.p95_ms * 1000:.0f} us |")
-        c = s.get("commit/1KB")
-        if c is not None:
-            out.append(f"| commit of one 1 KB file | {c.n} | {_fmt(c.median_ms)} ms | "
-                       f"{_fmt(c.p95_ms)} ms |")
+        for n in sizes.fork_sizes:
+            c = s.get(f"commit/{n}")
+            if c is not None:
+                out.append(f"| commit of one new 1 KB file, {n:,} files | {c.n} | "
+                           f"{_fmt(c.median_ms)} ms | {_fmt(c.p95_ms)} ms |")
     out += ["", "Issue 11's targets (FUSE, the default backend):", "",
             "| target | measured | met |", "|---|---|---|"]
     for label, got, met in targets(s, r, sizes):
