@@ -1,7 +1,7 @@
 """A real small model fixes a failing test: 8 samples, 8 branches, pytest in each, one commit.
 
     make demo-llm                                   # sets up .venv-vllm and the model first
-    python examples/demo_llm.py --model .models/smollm2 [--n 8] [--seed 0] [--backend fuse]
+    python examples/demo_llm.py --model .models/smollm2 [--n 8] [--seed 0] [--backend copy]
 
 It makes a repository whose pytest test fails (``add()`` subtracts), asks
 SmolLM2-135M-Instruct (an offline ``vllm.LLM`` in this process; the folder
@@ -92,7 +92,7 @@ def load_model(path: Path, *, max_model_len: int = 1024) -> Any:
 
 
 async def fix(repo: Path, model: Any, *, n: int = 8, seed: int = 0, max_tokens: int = 128,
-              backend: str = "fuse") -> ba.Outcome:
+              backend: str = "copy") -> ba.Outcome:
     """Ask ``model`` for ``n`` versions of calc.py; verify each in a branch; commit the best."""
     async with ba.open_workspace(repo, backend=backend) as ws:
         return await ba.llm.solve(
@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=8, help="samples in the one model call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--backend", default="fuse",
-                        help="workspace backend (default fuse, the copy-on-write filesystem)")
+    parser.add_argument("--backend", default="copy",
+                        help="workspace backend (default copy; fuse where pyfuse3 is installed)")
     parser.add_argument("--workdir", type=Path, help="where to make the repository (default: tmp)")
     parser.add_argument("--json", type=Path, help="write the outcome as JSON here")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each branch")

@@ -52,11 +52,10 @@ if _MISSING:
         pytest.fail(_WHY, pytrace=False)
     pytest.skip(_WHY, allow_module_level=True)
 
-import anyio
-import hypothesis  # noqa: F401  (imported at collection: see tests/llm/test_llm_vllm.py)
+import hypothesis  # noqa: E402, F401  (imported at collection: see tests/llm/test_llm_vllm.py)
 
-import branchagent as ba
-import branchagent.llm as llm
+import branchagent as ba  # noqa: E402
+import branchagent.llm as llm  # noqa: E402
 
 VLLM_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -232,4 +231,3 @@ async def test_same_seed_same_answers(engine: Any) -> None:
     first, again = [await source.sample(MESSAGES, 4, sampling=small) for _ in range(2)]
     assert [c.text for c in first] == [c.text for c in again]
     assert all(c.token_logprobs for c in first)
-    await anyio.sleep(0)
