@@ -127,12 +127,12 @@ def report(outcome: ba.Outcome, repo: Path, *, load: float, total: float) -> str
         if not r.success:
             lines.append(f"{'':14}{why_failed(r)[:100]}")
     generation = float(outcome.info["llm"]["sample_duration"])
-    verified = sum(r.success for r in outcome.results)
+    passed = sum(r.success for r in outcome.results)
     lines += [
         "",
         f"samples: {len(outcome.results)} in one model call, "
         f"{len({r.branch for r in outcome.results})} branches, pytest in each",
-        f"verified: {verified} of {len(outcome.results)}",
+        f"verified: {passed} of {len(outcome.results)}",
     ]
     if outcome.winner is not None:
         lines.append(f"winner: candidate {outcome.winner.index} (best mean logprob among the "
