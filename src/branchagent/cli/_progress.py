@@ -16,6 +16,7 @@ import anyio
 import attrs
 
 from .._events import Event
+from ..strategy._report import state_of
 
 __all__ = ["Progress", "Row", "fmt_score", "state_of"]
 
@@ -44,19 +45,6 @@ class Row:
 
     def elapsed(self, now: float) -> float:
         return (self.ended if self.ended is not None else now) - self.started
-
-
-def state_of(success: bool, error: str | None) -> str:
-    """The display state of a finished candidate."""
-    if success:
-        return "ok"
-    if error is None:
-        return "failed"
-    if error.startswith("Cancelled"):
-        return "cancelled"
-    if error.startswith("TimeoutError"):
-        return "timeout"
-    return "error"
 
 
 def fmt_score(score: float | None) -> str:
