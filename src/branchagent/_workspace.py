@@ -413,6 +413,8 @@ class Workspace:
         self._persist_lock = anyio.Lock()  # one writer of branches.json at a time
         self._open: dict[str, WorkspaceBranch] = {}
         self._top: list[WorkspaceBranch] = []
+        # Aborts under way (a branch closed, its processes still dying): closing waits for them.
+        self._aborting: set[anyio.Event] = set()
         self._counter = itertools.count(1)
         self._scratch = state_dir / "runs"
         self._lock_fd: int | None = None
@@ -553,6 +555,15 @@ class Workspace:
              depth=b.depth, invalidated=[x._name for x in losers])
 
     async def _abort(self, b: WorkspaceBranch, state: BranchState, why: str) -> None:
+        done = anyio.Event()
+        self._aborting.add(done)
+        try:
+            await self._abort_shielded(b, state, why)
+        finally:
+            self._aborting.discard(done)
+            done.set()
+
+    async def _abort_shielded(self, b: WorkspaceBranch, state: BranchState, why: str) -> None:
         with anyio.CancelScope(shield=True):
             started = time.perf_counter()
             victims = [*b._descendants(), b]
@@ -679,6 +690,7 @@ class Workspace:
                         await self._abort(b, BranchState.ABORTED, "workspace closed")
                     except Exception as exc:  # keep closing; log what we could not release
                         log.warning("close_abort_failed", branch=b.name, error=str(exc))
+            await self._wait_for_aborts()
             self._closed = True
             try:
                 await self._backend.aclose()
@@ -691,10 +703,16 @@ class Workspace:
             return
         self._closed = True
         with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+            await self._wait_for_aborts()
             try:
                 await self._backend.aclose()
             finally:
                 self._unlock()
+
+    async def _wait_for_aborts(self) -> None:
+        """Until every abort begun elsewhere (another task) has released its storage."""
+        while self._aborting:
+            await next(iter(self._aborting)).wait()
 
     def _lock_state(self, opened_at: str = "?") -> None:
         _check_not_open_here(self.path, self.state_dir)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import anyio
+import anyio.lowlevel
 import pytest
 import structlog.testing
 
@@ -252,6 +253,37 @@ async def test_closed_workspace_refuses(repo: Path, backend_name: str) -> None:
     with pytest.raises(ba.WorkspaceClosed):
         await b.changes()
     await ws.aclose()  # twice is harmless
+
+
+async def test_close_waits_for_an_abort_already_under_way(repo: Path, backend_name: str) -> None:
+    """An abort that began before the close (its branch's process still dying) has finished
+    when ``aclose`` returns: a process that exits right after finds nothing to restore.
+    (``branchagent serve`` stopped by SIGTERM left a branch behind this way.)"""
+    async with ba.open_workspace(repo, backend=backend_name) as ws:
+        b = await ws.fork("b")
+        tree = anyio.Path(b.path)
+        results: list[ba.RunResult] = []
+
+        async def run() -> None:
+            results.append(await b.run(["sh", "-c", "touch started; exec sleep 30"]))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            with anyio.fail_after(30):
+                while not await (tree / "started").exists():  # noqa: ASYNC110 - a process
+                    await anyio.sleep(0.01)
+            tg.start_soon(b.abort)
+            while b.state is ba.BranchState.OPEN:  # until the abort has begun
+                await anyio.lowlevel.checkpoint()
+            await ws.aclose()
+            gone = not await tree.exists()
+            listed = [x.name for x in ws.branches()]
+            tg.cancel_scope.cancel()
+        assert gone, "aclose returned while the branch's storage was still there"
+        assert listed == []
+    async with ba.open_workspace(repo, backend=backend_name) as again:
+        assert again.branches() == []
+    assert results == [] or results[0].killed == "aborted"
 
 
 # -- paths -------------------------------------------------------------------------------
