@@ -277,6 +277,9 @@ async def test_upstream_errors_map_to_502_and_504(repo: Path) -> None:
     (b'{"prompt": "p", "commit": "yes"}', "'commit' must be"),
     (b'{"prompt": "p", "best_of": 4, "temperature": 0}', "temperature > 0"),
     (b'{"prompt": "p", "stream": true}', "stream"),
+    (b'{"prompt": "p", "best_of": 100}', "more candidates than this server allows (16)"),
+    (b'{"prompt": "p", "best_of": 2, "workspace": "/elsewhere"}', "not the workspace"),
+    (b'{"prompt": "p", "workspace": 7}', "not the workspace"),
 ])
 async def test_malformed_requests_are_400(repo: Path, body: bytes, why: str) -> None:
     up = FakeUpstream()
@@ -287,6 +290,22 @@ async def test_malformed_requests_are_400(repo: Path, body: bytes, why: str) -> 
     assert why in error_of(r)["message"]
     assert error_of(r)["type"] == "invalid_request_error"
     assert up.bodies == []
+
+
+async def test_naming_the_servers_own_workspace_is_fine(repo: Path) -> None:
+    up = FakeUpstream()
+    async with serving(repo, up, max_best_of=4) as (client, _):
+        r = await client.post("/v1/completions", json={"prompt": "p", "best_of": 4,
+                                                       "workspace": str(repo / ".")})
+        assert r.status_code == 200, r.text
+        r = await client.post("/v1/completions", json={"prompt": "p", "best_of": 5})
+        assert r.status_code == 400
+        assert "at most 4" in error_of(r)["message"]
+    assert [b["n"] for b in up.bodies] == [4]
+    assert "workspace" not in up.bodies[0]  # ours: never sent to the model
+    with pytest.raises(ValueError, match="max_best_of"):
+        ServeConfig(upstream="http://upstream.test/v1", workspace=repo, best_of=8,
+                    max_best_of=4)
 
 
 async def test_chat_without_messages_is_400(repo: Path) -> None:

@@ -51,13 +51,15 @@ not run). ``--apply file:PATH`` writes the completion's one fenced code block
 to PATH (its whole text when it has none; of several blocks, the only one whose
 language fits PATH's extension, else the candidate is refused);
 ``--apply code:PATH`` writes the blocks that name files, or a lone unnamed
-block to PATH. ``best_of`` and ``commit`` are not sent upstream.
+block to PATH. ``best_of``, ``commit`` and ``workspace`` (optional: the
+workspace the client expects; another one is refused) are not sent upstream.
 
 Errors (:class:`ServeError`, a :class:`~branchagent.BranchAgentError`) come as
 OpenAI-shaped JSON, ``{"error": {"message", "type", "code"}}``:
 400 for a malformed request (not JSON, missing ``prompt``/``messages``, bad
-``n``/``best_of``/``commit``, ``best_of < n``, ``temperature`` 0 with
-``best_of > 1``, ``stream``), 502 when upstream fails or answers an error,
+``n``/``best_of``/``commit``, ``best_of < n``, ``best_of`` over
+``--max-best-of`` (16), a ``workspace`` other than the server's,
+``temperature`` 0 with ``best_of > 1``, ``stream``), 502 when upstream fails or answers an error,
 504 when it does not answer within ``--upstream-timeout``, 500 when applying
 or verifying crashes (an ``ApplyError``, a diff that does not apply, is not a
 crash: that candidate just fails).

@@ -7,7 +7,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,12 @@ APPLY_MODES = ("auto", "diff", "code", "code:PATH", "command", "file:PATH")
 #: Most characters of the verifier's stdout and of its stderr kept in a candidate's record.
 TAIL_LIMIT = 4096
 
-_OUR_FIELDS = ("best_of", "commit")
+#: Request fields that are branchagent's, never sent to the model.
+OUR_FIELDS = ("best_of", "commit", "workspace")
+
+#: Sends one request to the model server: ``(method, path, JSON body) -> JSON document``
+#: (an HTTP client for ``branchagent serve``; vLLM's own serving objects in its plugin).
+Send = Callable[[str, str, Any], Awaitable[Any]]
 
 
 def _error_response(exc: ServeError) -> JSONResponse:
@@ -117,7 +122,8 @@ class ServeConfig:
     ``/v1``); ``verify`` a shell command run in each candidate's branch
     (``sh -c``; exit 0 verifies, a score may be written to
     ``$BRANCHAGENT_SCORE_FILE``; ``None``: applying is verifying);
-    ``best_of`` the default number of upstream candidates; ``score`` the
+    ``best_of`` the default number of upstream candidates, ``max_best_of``
+    the most a request may ask for (more is refused with 400); ``score`` the
     logprob scorer that breaks ties between equally verified candidates.
     ``transport`` replaces the HTTP transport to upstream (tests).
     ``report_dir``: write each completion request's lineage report there (one
@@ -131,6 +137,7 @@ class ServeConfig:
     apply: str | Apply = "auto"
     backend: str = "copy"
     best_of: int = 4
+    max_best_of: int = 16
     max_concurrent: int = 4
     upstream_timeout: float = 120.0
     verify_timeout: float | None = 300.0
@@ -146,6 +153,9 @@ class ServeConfig:
                              "first (mkdir -p) or give another --report-dir")
         if self.best_of < 1:
             raise ValueError(f"best_of must be at least 1, got {self.best_of}")
+        if self.max_best_of < self.best_of:
+            raise ValueError(f"max_best_of ({self.max_best_of}) must be at least best_of "
+                             f"({self.best_of})")
         if self.max_concurrent < 1:
             raise ValueError(f"max_concurrent must be at least 1, got {self.max_concurrent}")
         resolve_apply(self.apply)
@@ -186,8 +196,13 @@ class _Trial:
 
 
 class _Server:
-    def __init__(self, config: ServeConfig) -> None:
+    """Candidate -> branch -> verify -> rank for one workspace: the one implementation behind
+    ``branchagent serve`` (``send`` is HTTP to upstream) and the vLLM plugin (``send`` calls
+    vLLM's serving objects in its own process)."""
+
+    def __init__(self, config: ServeConfig, send: Send | None = None) -> None:
         self.config = config
+        self.send: Send = send if send is not None else self._http
         self.apply = resolve_apply(config.apply, isolate=config.isolate,
                                    timeout=config.verify_timeout)
         self.scorer = get_scorer(config.score)
@@ -207,6 +222,9 @@ class _Server:
     # -- upstream --------------------------------------------------------------------------
 
     async def upstream(self, method: str, path: str, body: Any = None) -> Any:
+        return await self.send(method, path, body)
+
+    async def _http(self, method: str, path: str, body: Any = None) -> Any:
         assert self.client is not None
         try:
             r = await self.client.request(method, path, json=body)
@@ -297,6 +315,11 @@ class _Server:
             raise _bad_request("stream=true is not supported by branchagent serve")
         n = _positive(body, "n", 1)
         best_of = _positive(body, "best_of", max(self.config.best_of, n))
+        if best_of > self.config.max_best_of:
+            raise _bad_request(f"best_of={best_of} is more candidates than this server allows "
+                               f"({self.config.max_best_of}); ask for at most "
+                               f"{self.config.max_best_of}")
+        self.check_workspace(body.get("workspace"))
         commit = body.get("commit", False)
         if best_of < n:
             raise _bad_request(f"best_of ({best_of}) must be at least n ({n})")
@@ -308,7 +331,7 @@ class _Server:
         ):
             raise _bad_request(f"best_of={best_of} candidates need temperature > 0, "
                                f"got {temperature!r}")
-        upstream = {k: v for k, v in body.items() if k not in _OUR_FIELDS}
+        upstream = {k: v for k, v in body.items() if k not in OUR_FIELDS}
         upstream["n"] = best_of
         if chat:
             upstream["logprobs"] = True
@@ -318,8 +341,20 @@ class _Server:
             upstream["temperature"] = 1.0
         return upstream, n, best_of, commit
 
+    def check_workspace(self, named: Any) -> None:
+        """A request may name the workspace it expects; another one is refused (400)."""
+        if named is None:
+            return
+        ours = Path(self.config.workspace).resolve()
+        if not isinstance(named, str) or Path(named).resolve() != ours:
+            raise _bad_request(f"'workspace' {named!r} is not the workspace this server "
+                               f"verifies in ({ours}); leave it out or name that one")
+
     async def complete(self, request: Request, chat: bool) -> dict[str, Any]:
-        upstream_body, n, best_of, commit = self.parse(await request.body(), chat)
+        return await self.complete_raw(await request.body(), chat)
+
+    async def complete_raw(self, raw: bytes, chat: bool) -> dict[str, Any]:
+        upstream_body, n, best_of, commit = self.parse(raw, chat)
         if upstream_body.get("model") is None:
             upstream_body["model"] = await self.default_model()
         path = "/chat/completions" if chat else "/completions"
@@ -482,6 +517,30 @@ def _raise_first(group: BaseExceptionGroup[BaseException]) -> None:
     raise group
 
 
+async def answer(request: Request, fn: Callable[[], Awaitable[Any]], log: Any) -> Response:
+    """``fn``'s document as JSON, or its error OpenAI-shaped; one ``serve_request`` log line."""
+    started = time.monotonic()
+    rid = uuid.uuid4().hex[:12]
+    fields: dict[str, Any] = {}
+    try:
+        doc = await fn()
+        if isinstance(doc, dict) and EXTENSION in doc:
+            ext = doc[EXTENSION]
+            fields = {k: ext[k] for k in ("best_of", "n", "verified", "returned", "committed")}
+        response: Response = JSONResponse(doc)
+    except ServeError as exc:
+        fields = {"error": exc.message[:300]}
+        response = _error_response(exc)
+    except Exception as exc:
+        fields = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        response = _error_response(ServeError(
+            500, f"internal error: {type(exc).__name__}: {exc}", "server_error"))
+    log.info("serve_request", id=rid, method=request.method, path=request.url.path,
+             status=response.status_code,
+             duration_ms=round((time.monotonic() - started) * 1e3, 3), **fields)
+    return response
+
+
 def create_app(config: ServeConfig) -> Starlette:
     """The ASGI app: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``.
 
@@ -505,29 +564,9 @@ def create_app(config: ServeConfig) -> Starlette:
             finally:
                 server.ws = server.client = None
 
-    def handler(fn: Callable[[Request], Any]) -> Callable[[Request], Any]:
+    def handler(fn: Callable[[Request], Awaitable[Any]]) -> Callable[[Request], Any]:
         async def endpoint(request: Request) -> Response:
-            started = time.monotonic()
-            rid = uuid.uuid4().hex[:12]
-            fields: dict[str, Any] = {}
-            try:
-                doc = await fn(request)
-                if isinstance(doc, dict) and EXTENSION in doc:
-                    ext = doc[EXTENSION]
-                    fields = {k: ext[k] for k in ("best_of", "n", "verified", "returned",
-                                                  "committed")}
-                response: Response = JSONResponse(doc)
-            except ServeError as exc:
-                fields = {"error": exc.message[:300]}
-                response = _error_response(exc)
-            except Exception as exc:
-                fields = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-                response = _error_response(ServeError(
-                    500, f"internal error: {type(exc).__name__}: {exc}", "server_error"))
-            req_log.info("serve_request", id=rid, method=request.method,
-                         path=request.url.path, status=response.status_code,
-                         duration_ms=round((time.monotonic() - started) * 1e3, 3), **fields)
-            return response
+            return await answer(request, lambda: fn(request), req_log)
 
         return endpoint
 

@@ -18,12 +18,27 @@ from .._log import get_logger
 if TYPE_CHECKING:
     from ._app import ServeConfig
 
-__all__ = ["add_arguments", "config_from_args", "serve"]
+__all__ = ["add_arguments", "add_candidate_arguments", "config_from_args", "serve"]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``serve`` subcommand's own options (``-w``/``--backend`` are the common ones)."""
     p.add_argument("--upstream", required=True, metavar="URL",
                    help="base URL of the OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+    add_candidate_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    p.add_argument("--port", type=int, default=8100, help="port to bind (8100)")
+    p.add_argument("--model", help="model to ask upstream for when a request names none "
+                                   "(default: the first upstream lists)")
+    p.add_argument("--upstream-timeout", type=float, default=120.0, metavar="S",
+                   help="seconds to wait for upstream (120); then 504")
+    p.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="S",
+                   help="on SIGTERM or SIGHUP, seconds in-flight requests get before they are "
+                        "cancelled and their branches aborted (5)")
+
+
+def add_candidate_arguments(p: argparse.ArgumentParser) -> None:
+    """How candidates are applied, verified and ranked: shared by ``branchagent serve`` and
+    the vLLM plugin (whose options are these, in ``$BRANCHAGENT_VLLM``)."""
     p.add_argument("--verify", metavar="CMD",
                    help="shell command run in each candidate's branch; exit 0 verifies "
                         "(default: applying is verifying)")
@@ -35,22 +50,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "it has none, becomes PATH); default auto")
     p.add_argument("--best-of", type=int, default=4, metavar="K",
                    help="candidates asked of upstream when a request gives no best_of (4)")
+    p.add_argument("--max-best-of", type=int, default=16, metavar="K",
+                   help="the most candidates one request may ask for; more is refused (16)")
     p.add_argument("--max-concurrent", type=int, default=4, metavar="N",
                    help="requests served at once; more wait in a queue (4)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-    p.add_argument("--port", type=int, default=8100, help="port to bind (8100)")
-    p.add_argument("--model", help="model to ask upstream for when a request names none "
-                                   "(default: the first upstream lists)")
     p.add_argument("--score", default="mean_logprob",
                    help="logprob scorer that orders equally verified candidates "
                         "(mean_logprob, cumulative_logprob, gnmt_logprob)")
-    p.add_argument("--upstream-timeout", type=float, default=120.0, metavar="S",
-                   help="seconds to wait for upstream (120); then 504")
     p.add_argument("--verify-timeout", type=float, default=300.0, metavar="S",
                    help="seconds one verification may run (300); then it fails")
-    p.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="S",
-                   help="on SIGTERM or SIGHUP, seconds in-flight requests get before they are "
-                        "cancelled and their branches aborted (5)")
     p.add_argument("--no-isolate", action="store_true",
                    help="run verifications with the branch as cwd instead of in private "
                         "namespaces")
@@ -64,7 +72,8 @@ def config_from_args(args: argparse.Namespace, workspace: Path, backend: str) ->
 
     return ServeConfig(
         upstream=args.upstream, workspace=workspace, verify=args.verify, apply=args.apply,
-        backend=backend, best_of=args.best_of, max_concurrent=args.max_concurrent,
+        backend=backend, best_of=args.best_of, max_best_of=args.max_best_of,
+        max_concurrent=args.max_concurrent,
         upstream_timeout=args.upstream_timeout, verify_timeout=args.verify_timeout,
         isolate=not args.no_isolate, score=args.score, model=args.model,
         report_dir=Path(args.report_dir) if getattr(args, "report_dir", None) else None,
