@@ -31,7 +31,6 @@ away, never undone by hand. :func:`llm_proposer` makes a proposer of a
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -364,11 +363,9 @@ def llm_proposer(
     act: Apply = apply if apply is not None else apply_auto
 
     async def propose(branch: Branch, k: int) -> list[Candidate]:
-        text_prompt: object = prompt(branch) if callable(prompt) else prompt
-        if inspect.isawaitable(text_prompt):
-            text_prompt = await text_prompt
-        (completion, *_) = await src.sample(text_prompt, 1,  # type: ignore[arg-type]
-                                            sampling=sampling)
+        made = prompt(branch) if callable(prompt) else prompt
+        text_prompt: Prompt = await made if isinstance(made, Awaitable) else made
+        (completion, *_) = await src.sample(text_prompt, 1, sampling=sampling)
         steps = list(split(completion.text))[:k]
         return [as_candidate(Completion(index=i, text=s), apply=act) for i, s in enumerate(steps)]
 

@@ -62,7 +62,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # What this host can do (FUSE, cgroups): the workspace asks it which backend to default to.
     ("doctor", ("branchagent._doctor",)),
     ("workspace", ("branchagent._workspace",)),
-    ("strategy kit", ("branchagent._strategy", "branchagent.strategy")),
+    ("strategy kit", ("branchagent.strategy",)),
     ("llm", ("branchagent.llm",)),
     ("built-in strategies", ("branchagent_strategies",)),
     ("facade", (ROOT,)),

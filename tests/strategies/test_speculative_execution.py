@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -406,6 +407,26 @@ async def test_llm_proposer_splits_one_completion_into_steps(repo: Path) -> None
     assert info["goal_reached"]
     assert outcome.results[0].info["applied"] == [LOG]
 
+
+
+async def test_llm_proposer_awaits_an_async_prompt_and_takes_a_plain_one(repo: Path) -> None:
+    async def prompt(b: ba.Branch) -> str:
+        await anyio.lowlevel.checkpoint()
+        return f"async log: {read_log(b.path)}"
+
+    source = ScriptedSource(["one\ntwo\n"])
+    outcome = await run(ba.SpeculativeExecution(
+        llm_proposer(source, prompt, apply=append_line), verify=no_bad, k=2, max_proposals=1),
+        repo)
+    assert source.prompts == ["async log: []"]
+    assert read_log(repo) == ["one", "two"]
+    assert outcome.committed
+    plain = ScriptedSource(["three\n"])
+    await run(ba.SpeculativeExecution(
+        llm_proposer(plain, "a fixed prompt", apply=append_line), verify=no_bad, k=1,
+        max_proposals=1), repo)
+    assert plain.prompts == ["a fixed prompt"]
+    assert read_log(repo) == ["one", "two", "three"]
 
 # -- the invariant --------------------------------------------------------------------------------
 
