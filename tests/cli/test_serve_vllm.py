@@ -262,3 +262,140 @@ async def test_serve_chat_and_upstream_errors(vllm_server: str, repo: Path,
                                                 **SAMPLING)
             assert info.value.status_code == 400
     assert not (repo / "candidate.txt").exists()
+
+
+# -- the vLLM plugin: verified best_of inside `vllm serve` itself -----------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = tmp_path_factory.mktemp("tiny-model-plugin")
+    subprocess.run([sys.executable, os.fspath(MAKE_MODEL), os.fspath(model)], check=True,
+                   capture_output=True, timeout=300)
+    return model
+
+
+def _vllm_argv(model: Path, port: int) -> list[str]:
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", os.fspath(model), "--host", "127.0.0.1", "--port", str(port),
+            "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
+            "--served-model-name", SERVED, "--seed", "0"]
+
+
+def _vllm_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1", **extra}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def plugin_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[tuple[str, Path, Path]]:
+    """`vllm serve` with the branchagent plugin (vLLM's own loader, VLLM_PLUGINS): its /v1
+    URL, the workspace and the file of accepted candidate digests the verifier reads."""
+    repo = tmp_path_factory.mktemp("plugin-repo")
+    (repo / "README.md").write_text("# a repository the model works on\n")
+    accept = tmp_path_factory.mktemp("plugin-accept") / "accept"
+    accept.write_text("")
+    verify = f"sha256sum candidate.txt | cut -d' ' -f1 | grep -qxFf {accept}"
+    options = (f"-w {repo} --backend copy --no-isolate --apply file:candidate.txt "
+               f"--best-of {K} --max-best-of 8 --verify \"{verify}\"")
+    port = _free_port()
+    log = tmp_path_factory.mktemp("vllm-plugin") / "server.log"
+    env = _vllm_env(VLLM_PLUGINS="branchagent", BRANCHAGENT_VLLM=options)
+    with _process(_vllm_argv(tiny_model, port), log, f"http://127.0.0.1:{port}/health",
+                  "vLLM with the branchagent plugin", env):
+        yield f"http://127.0.0.1:{port}/v1", repo, accept
+    text = log.read_text(errors="replace")
+    assert "Loaded endpoint plugin branchagent" in text, text[-3000:]
+
+
+async def test_plugin_serves_verified_best_of_inside_vllm(
+        plugin_server: tuple[str, Path, Path]) -> None:
+    """One server, no HTTP hop: requests without branchagent's fields are vLLM's own; with
+    ``best_of`` they come back verified, with the same records as ``branchagent serve``."""
+    url, repo, accept = plugin_server
+    async with open_client(url) as client:
+        # Not ours (no best_of/commit/workspace): vLLM answers as always, n samples.
+        plain = await llm.OpenAISource(client, model=SERVED).sample(PROMPT, K,
+                                                                    sampling=SAMPLING)
+        assert len(plain) == K
+        raw = await client.completions.create(model=SERVED, prompt=PROMPT, n=K, **SAMPLING)
+        assert "branchagent" not in raw.model_dump()
+        assert [c.text for c in raw.choices] == [c.text for c in plain]
+
+        ranked = by_score(plain)
+        accepted = [ranked[1], ranked[3]]
+        accept.write_text("".join(digest(written(plain[i].text)) + "\n" for i in accepted))
+        response = await client.completions.create(
+            model=SERVED, prompt=PROMPT, n=3, extra_body={"best_of": K}, **SAMPLING)
+        assert [c.text for c in response.choices] == [plain[i].text for i in accepted]
+        for choice, i in zip(response.choices, accepted, strict=True):
+            ext = extension(choice)
+            assert ext["verified"] is True
+            assert ext["upstream_index"] == i
+            assert ext["changes"] == ["candidate.txt"]
+            assert ext["apply"]["paths"] == ["candidate.txt"]
+            assert ext["verify"]["returncode"] == 0
+            assert ext["logprob"] == pytest.approx(llm.mean_logprob(plain[i]), abs=1e-4)
+        top = response.model_dump()["branchagent"]
+        assert top["best_of"] == K
+        assert top["verified"] == 2
+        assert top["committed"] is None
+        assert sorted(c["upstream_index"] for c in top["candidates"]) == list(range(K))
+        assert not (repo / "candidate.txt").exists()
+
+        messages = [{"role": "user", "content": "Write add(a, b)."}]
+        chat = await llm.OpenAISource(client, model=SERVED).sample(messages, K,
+                                                                   sampling=SAMPLING)
+        accept.write_text(digest(written(chat[by_score(chat)[2]].text)) + "\n")
+        answer = await client.chat.completions.create(
+            model=SERVED, messages=messages, n=1, extra_body={"best_of": K}, **SAMPLING)
+        (choice,) = answer.choices
+        assert choice.message.content == chat[by_score(chat)[2]].text
+        assert extension(choice)["verified"] is True
+
+        accept.write_text(digest(written(plain[accepted[1]].text)) + "\n")
+        committed = await client.completions.create(
+            model=SERVED, prompt=PROMPT, extra_body={"best_of": K, "commit": True},
+            **SAMPLING)
+        (choice,) = committed.choices
+        assert extension(choice)["committed"] is True
+    assert (repo / "candidate.txt").read_text(encoding="utf-8") == written(
+        plain[accepted[1]].text)
+
+
+async def test_plugin_refuses_bad_requests_and_changes_nothing(
+        plugin_server: tuple[str, Path, Path]) -> None:
+    openai = importlib.import_module("openai")
+    url, repo, _ = plugin_server
+    before = sorted(p.name for p in repo.iterdir())
+    async with open_client(url) as client:
+        for extra, status, words in [
+            ({"best_of": 100}, 400, "at most 8"),
+            ({"best_of": 2, "workspace": "/elsewhere"}, 400, "not the workspace"),
+            ({"best_of": 2, "commit": "yes"}, 400, "'commit' must be"),
+        ]:
+            with pytest.raises(openai.APIStatusError) as info:
+                await client.completions.create(model=SERVED, prompt=PROMPT,
+                                                extra_body=extra, **SAMPLING)
+            assert info.value.status_code == status, extra
+            assert words in str(info.value), (extra, str(info.value))
+        with pytest.raises(openai.APIStatusError) as info:  # vLLM's own refusal, passed on
+            await client.completions.create(model="no-such-model", prompt=PROMPT,
+                                            extra_body={"best_of": 2}, **SAMPLING)
+        assert 400 <= info.value.status_code < 500
+        assert "no-such-model" in str(info.value)
+    assert sorted(p.name for p in repo.iterdir()) == before
+
+
+def test_plugin_without_its_settings_stops_vllm_with_the_reason(tiny_model: Path,
+                                                                 tmp_path: Path) -> None:
+    """Allowlisted but not told which workspace: vLLM does not start, and says why."""
+    port = _free_port()
+    env = _vllm_env(VLLM_PLUGINS="branchagent")
+    env.pop("BRANCHAGENT_VLLM", None)
+    proc = subprocess.run(_vllm_argv(tiny_model, port), env=env, capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0
+    assert "BRANCHAGENT_VLLM is not set" in proc.stdout + proc.stderr
