@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
 import json
@@ -9,7 +10,15 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import FrameType
@@ -397,6 +406,13 @@ async def _branch_cm(
             raise
 
 
+def _ancestors(b: WorkspaceBranch) -> Iterator[WorkspaceBranch]:
+    p = b._parent
+    while p is not None:
+        yield p
+        p = p._parent
+
+
 class Workspace:
     """A directory whose branches a backend manages. Get one from :func:`open_workspace`."""
 
@@ -555,18 +571,27 @@ class Workspace:
              depth=b.depth, invalidated=[x._name for x in losers])
 
     async def _abort(self, b: WorkspaceBranch, state: BranchState, why: str) -> None:
+        await self._abort_many([b], state, why)
+
+    async def _abort_many(self, roots: Sequence[WorkspaceBranch], state: BranchState,
+                          why: str) -> None:
+        """Close ``roots`` and their descendants; their storage goes in one backend request."""
         done = anyio.Event()
         self._aborting.add(done)
         try:
-            await self._abort_shielded(b, state, why)
+            with anyio.CancelScope(shield=True):
+                await self._abort_shielded(roots, state, why)
         finally:
             self._aborting.discard(done)
             done.set()
 
-    async def _abort_shielded(self, b: WorkspaceBranch, state: BranchState, why: str) -> None:
-        with anyio.CancelScope(shield=True):
-            started = time.perf_counter()
+    async def _abort_shielded(self, roots: Sequence[WorkspaceBranch], state: BranchState,
+                              why: str) -> None:
+        started = time.perf_counter()
+        victims_of: list[list[WorkspaceBranch]] = []
+        for b in roots:
             victims = [*b._descendants(), b]
+            victims_of.append(victims)
             for v in victims:
                 if v._state is BranchState.OPEN:
                     v._state = state
@@ -577,13 +602,16 @@ class Workspace:
             siblings = b._parent._children if b._parent is not None else self._top
             if b in siblings:
                 siblings.remove(b)
-            async with b._lock.exclusive():
-                await self._release(victims)
-            await self._persist()
+        async with contextlib.AsyncExitStack() as held:
+            for b in roots:  # each one's runs have ended (they were cancelled above)
+                await held.enter_async_context(b._lock.exclusive())
+            await self._release([v for victims in victims_of for v in victims])
+        await self._persist()
+        duration_ms = round((time.perf_counter() - started) * 1e3, 3)
+        for b, victims in zip(roots, victims_of, strict=True):
             log.info("branch_aborted", branch=b._name,
                      parent=b._parent.name if b._parent else None, depth=b.depth,
-                     descendants=len(victims) - 1,
-                     duration_ms=round((time.perf_counter() - started) * 1e3, 3))
+                     descendants=len(victims) - 1, duration_ms=duration_ms)
             emit("branch_aborted", branch=b._name, depth=b.depth)
 
     async def _release(self, victims: list[WorkspaceBranch]) -> None:
@@ -676,6 +704,24 @@ class Workspace:
                 break
         if self._open:
             log.info("branches_restored", count=len(self._open), names=sorted(self._open))
+
+    async def abort_many(self, branches: Iterable[Branch]) -> None:
+        """Abort each of ``branches`` that is still open, and its descendants, releasing
+        their storage in one backend request: N losers cost one round trip, not N.
+
+        Closed branches are skipped. A branch that is not this workspace's raises
+        :class:`~branchagent.BranchNotFound` before anything is aborted.
+        """
+        chosen: list[WorkspaceBranch] = []
+        for b in branches:
+            if not isinstance(b, WorkspaceBranch) or b._ws is not self:
+                raise BranchNotFound(f"{b!r} is not a branch of the workspace {self.path}")
+            if b._state is BranchState.OPEN and all(b is not c for c in chosen):
+                chosen.append(b)
+        ids = {id(b) for b in chosen}
+        roots = [b for b in chosen if not any(id(a) in ids for a in _ancestors(b))]
+        if roots:
+            await self._abort_many(roots, BranchState.ABORTED, "aborted")
 
     # -- open / close -------------------------------------------------------------------
 

@@ -5,9 +5,11 @@ Progress displays and reports read these instead of log event names.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import anyio
 import pytest
 
 import branchagent as ba
@@ -100,6 +102,77 @@ async def test_losers_are_released_in_one_backend_request(
         finally:
             be.abort_many = orig_many  # type: ignore[method-assign]
             be.abort = orig_one  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def backend_aborts(be: ba.Backend) -> Iterator[list[tuple[str, tuple[str, ...]]]]:
+    """Every abort request ``be`` gets while the block runs: (method, names)."""
+    calls: list[tuple[str, tuple[str, ...]]] = []
+    orig_many, orig_one = be.abort_many, be.abort
+
+    async def many(names: Sequence[str]) -> None:
+        calls.append(("abort_many", tuple(names)))
+        await orig_many(names)
+
+    async def one(name: str) -> None:
+        calls.append(("abort", (name,)))
+        await orig_one(name)
+
+    be.abort_many = many  # type: ignore[method-assign]
+    be.abort = one  # type: ignore[method-assign]
+    try:
+        yield calls
+    finally:
+        be.abort_many = orig_many  # type: ignore[method-assign]
+        be.abort = orig_one  # type: ignore[method-assign]
+
+
+async def test_workspace_abort_many_is_one_backend_request(
+        repo: Path, backend_name: str, tmp_path: Path) -> None:
+    """``Workspace.abort_many``: every open branch given, with its descendants, in one
+    request; closed ones skipped; a foreign branch refused before anything is aborted."""
+    other_repo = tmp_path / "other"
+    other_repo.mkdir()
+    async with ba.open_workspace(repo, backend=backend_name) as ws, \
+            ba.open_workspace(other_repo, backend="copy") as other:
+        be = ws.backend
+        keep = await ws.fork("keep")
+        gone = [await ws.fork(f"g{i}") for i in range(4)]
+        kid = await gone[0].fork("g0kid")
+        closed = await ws.fork("closed")
+        await closed.abort()
+        foreign = await other.fork("foreign")
+        with backend_aborts(be) as calls:
+            with pytest.raises(ba.BranchNotFound, match="not a branch of the workspace"):
+                await ws.abort_many([gone[1], foreign])
+            assert calls == []
+            assert gone[1].state is ba.BranchState.OPEN
+            seen: list[Event] = []
+            with observe(seen.append):
+                await ws.abort_many([kid, *gone, closed, gone[2]])
+        assert calls == [("abort_many", ("g0kid", "g0", "g1", "g2", "g3"))]
+        assert [b.state for b in [kid, *gone]] == [ba.BranchState.ABORTED] * 5
+        assert all(not be.exists(b.name) for b in [kid, *gone])
+        assert [b.name for b in ws.branches()] == ["keep"]
+        assert keep.state is ba.BranchState.OPEN
+        assert sorted(str(e.branch) for e in seen if e.kind == "branch_aborted") == \
+            ["g0", "g1", "g2", "g3"]
+        assert foreign.state is ba.BranchState.OPEN
+
+
+async def test_a_strategy_releases_its_losers_in_one_request(repo: Path,
+                                                             backend_name: str) -> None:
+    async def candidate(b: ba.Branch) -> bool:
+        await anyio.Path(b.path / "out.txt").write_text(b.name)
+        return True
+
+    async with ba.open_workspace(repo, backend=backend_name) as ws:
+        with backend_aborts(ws.backend) as calls:
+            outcome = await ba.BestOfN([candidate] * 5).run(ws)
+        assert outcome.committed
+        assert [c[0] for c in calls] == ["abort_many"]
+        assert len(calls[0][1]) == 4
+        assert ws.branches() == []
 
 
 async def test_abort_many_is_idempotent(repo: Path, backend_name: str) -> None:

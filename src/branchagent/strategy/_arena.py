@@ -20,6 +20,7 @@ import structlog.contextvars
 from .._branch import Branch, BranchState
 from .._events import emit
 from .._log import get_logger
+from .._workspace import Workspace, WorkspaceBranch
 from ..exceptions import BranchAgentError, BranchExists, StrategyError
 from ._candidates import Candidate, Target
 from ._executor import Executor, LocalExecutor
@@ -416,13 +417,32 @@ class Arena:
 
     async def _abort_all(self, keep: Sequence[Trial]) -> None:
         with anyio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
-            for scratch in self._scratches:
-                await self._abort_one(scratch)
-            for trial in self.trials:
-                if trial.branch is not None and not any(trial is k for k in keep):
-                    await self._abort_one(trial.branch)
+            doomed = [*self._scratches, *(
+                t.branch for t in self.trials
+                if t.branch is not None and not any(t is k for k in keep))]
+            await self._abort_together(doomed)
             if not keep:
                 await self._sweep()
+
+    async def _abort_together(self, branches: Sequence[Branch]) -> None:
+        """Abort ``branches``: those of one workspace in one request (one round trip for
+        all the losers), any other kind of branch one by one."""
+        groups: dict[int, tuple[Workspace, list[Branch]]] = {}
+        for b in branches:
+            if b.state is not BranchState.OPEN:
+                continue
+            if isinstance(b, WorkspaceBranch):
+                groups.setdefault(id(b.workspace), (b.workspace, []))[1].append(b)
+            else:
+                await self._abort_one(b)
+        for ws, group in groups.values():
+            try:
+                await ws.abort_many(group)
+            except Exception as exc:  # say so, then try each on its own
+                log.warning("branch_abort_failed", strategy=self.strategy,
+                            branches=[b.name for b in group], error=describe_error(exc))
+                for b in group:
+                    await self._abort_one(b)
 
     async def _abort_one(self, branch: Branch) -> None:
         if branch.state is not BranchState.OPEN:
