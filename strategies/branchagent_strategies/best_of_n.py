@@ -37,9 +37,10 @@ class BestOfN(Strategy):
     candidate's own score. The highest-scoring success is committed; a
     number beats no score; ties go to the lowest index.
 
-    With ``commit=False`` nothing is committed: every branch is aborted, the
-    base stays pristine, and the outcome lists every ``(success, score)``
-    (``Outcome.best`` names the one that would have won). ``timeout`` bounds
+    With ``commit=False`` (the base class's option) nothing is committed:
+    every branch is aborted, the base stays pristine, the outcome lists every
+    ``(success, score)`` and ``info["uncommitted_winner"]`` names the one that
+    would have won. ``timeout`` bounds
     the wall time of the run: candidates still running then are cancelled,
     and the best among those that finished is committed.
     """
@@ -49,7 +50,6 @@ class BestOfN(Strategy):
     candidates: tuple[Candidate, ...] = attrs.field(converter=to_candidates, kw_only=False)
     scores: tuple[float, ...] | None = attrs.field(default=None, converter=_to_scores)
     evaluate: Candidate | None = None
-    commit: bool = True
 
     @scores.validator
     def _check_scores(self, _attr: object, scores: tuple[float, ...] | None) -> None:
@@ -82,6 +82,6 @@ class BestOfN(Strategy):
 
             trials = await arena.run(self.candidates, after=after)
             best = pick_best([t for t in trials if t.success])
-            if best is not None and self.commit:
-                await arena.commit(best)
+            if best is not None:
+                await arena.commit(best)  # with commit=False: only chosen
             return arena.outcome()

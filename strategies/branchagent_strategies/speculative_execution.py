@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+import anyio
 import attrs
 
 from branchagent.strategy import (
@@ -138,9 +139,24 @@ class SpeculativeExecution(Strategy):
     max_proposals: int = attrs.field(default=16, validator=at_least(1))
 
     async def run(self, target: Target) -> Outcome:
-        run = _Run(self, target)
-        await run.run()
-        return run.outcome()
+        if self.commit:
+            run = _Run(self, target)
+            await run.run()
+            return run.outcome()
+        # A dry run: each round builds on the steps committed before it, so the rounds
+        # commit into a scratch fork of the target, which is thrown away at the end.
+        scratch = await target.fork()
+        try:
+            run = _Run(self, scratch)
+            await run.run()
+            outcome = run.outcome()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await scratch.abort()
+        info = dict(outcome.info)
+        if outcome.winner is not None:
+            info["uncommitted_winner"] = outcome.winner.index
+        return attrs.evolve(outcome, committed=False, winner=None, info=info)
 
 
 class _Run:

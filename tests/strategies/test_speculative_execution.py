@@ -161,6 +161,25 @@ async def test_longest_verified_prefix_is_committed_then_drafting_resumes(repo: 
     assert outcome.winner.index == 5
 
 
+async def test_a_dry_run_takes_the_same_rounds_and_leaves_the_base_alone(repo: Path) -> None:
+    """``commit=False``: the rounds still build on each other (in a scratch fork that is
+    thrown away), the same steps are accepted, and the workspace never changes."""
+    script = [["a", "b", "BAD", "d"], ["c", "d", "e", "f"]]
+    proposer = Script(script)
+    strategy = ba.SpeculativeExecution(proposer, verify=no_bad, goal=log_length(5), k=4,
+                                       commit=False)
+    async with workspace(repo) as ws:
+        outcome = await strategy.run(ws)
+        assert ws.branches() == []
+    assert read_log(repo) == []
+    assert proposer.seen == [[], ["a", "b"]]  # round two saw round one's accepted steps
+    assert names_of(outcome, script) == ["a", "b", "BAD", "c", "d", "e"]
+    assert outcome.committed is False
+    assert outcome.winner is None
+    assert outcome.info["uncommitted_winner"] == 5
+    assert outcome.info["goal_reached"] is True
+
+
 async def test_a_failing_or_raising_action_is_rejected_like_a_failed_verification(
     repo: Path,
 ) -> None:

@@ -107,7 +107,7 @@ def test_a_plain_subclass_that_sets_nothing_still_has_a_repr() -> None:
         async def run(self, target: kit.Target) -> kit.Outcome:
             raise NotImplementedError
 
-    assert repr(Old()) == "Old(timeout=None, max_parallel=None, executor=None)"
+    assert repr(Old()) == "Old(timeout=None, max_parallel=None, executor=None, commit=None)"
     assert attrs.has(ba.BestOfN)
 
 

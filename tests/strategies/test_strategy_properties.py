@@ -201,12 +201,14 @@ def partition(n: int, cuts: Sequence[int]) -> tuple[int, ...]:
            min_size=1, max_size=3),
        critique_move=st.sampled_from([None, "text", "raise", "garbage", "hang"]),
        cuts=st.lists(st.integers(1, 4), max_size=3),
-       wave_timeout=st.sampled_from([None, 0.15]))
+       wave_timeout=st.sampled_from([None, 0.15]), dry=st.booleans())
 async def test_strategies_keep_their_promises(
     tmp_path_factory: pytest.TempPathFactory, kind: str, play: list[tuple[str, float]],
     judge_moves: list[str], critique_move: str | None, cuts: list[int],
-    wave_timeout: float | None,
+    wave_timeout: float | None, dry: bool,
 ) -> None:
+    """Every strategy, also as a dry run (``commit=False``: the winner is chosen the same
+    way, and named in ``info["uncommitted_winner"]``, but the base never changes)."""
     root = tmp_path_factory.mktemp(kind)
     repo = make_repo(root)
     token = f"30.{secrets.randbelow(10**6):06d}"
@@ -242,6 +244,8 @@ async def test_strategies_keep_their_promises(
         strategy = ba.Cascaded(cascaded_task, fan_out=fan_out, wave_timeout=wave_timeout,
                                timeout=TIMEOUT)
 
+    if dry:
+        strategy = attrs.evolve(strategy, commit=False)
     async with ba.open_workspace(repo, backend="copy") as ws:
         with capture_logs() as logs:
             started = time.monotonic()
@@ -269,15 +273,24 @@ async def test_strategies_keep_their_promises(
                              f"c{w.index}.txt": play[w.index][0].encode()}
         else:
             assert outcome.winner is None
+        chosen = outcome.info.get("uncommitted_winner")
+        if dry:
+            assert not outcome.committed
+            if chosen is not None:
+                assert outcome.results[chosen].success
+                assert play[chosen][0] in SUCCESSES
+        else:
+            assert chosen is None
         assert len(outcome.results) <= len(play)
 
         # The model, where nothing is left to timing.
         succeeded = [i for i, (beh, _) in enumerate(play) if beh in SUCCESSES]
         if hangs or outcome.timed_out:
             return
-        winner = outcome.winner.index if outcome.winner is not None else None
+        winner = outcome.winner.index if outcome.winner is not None else chosen
+        decided = winner is not None
         if kind == "speculate":
-            assert outcome.committed == bool(succeeded)
+            assert decided == bool(succeeded)
         elif kind in ("best_of_n", "merge"):
             assert winner == best_index(play)
             assert outcome.merged == ()
@@ -285,7 +298,7 @@ async def test_strategies_keep_their_promises(
             # MajorityVote: no outputs, so one answer, and its first success wins.
             assert winner == (succeeded[0] if succeeded else None)
         elif kind == "cascaded" and wave_timeout is None:
-            assert outcome.committed == bool(succeeded)
+            assert decided == bool(succeeded)
             if succeeded:
                 assert winner is not None
                 wave_of = [w for w, width in enumerate(fan_out) for _ in range(width)]

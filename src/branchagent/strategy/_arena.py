@@ -134,9 +134,13 @@ class Arena:
 
     def __init__(
         self, target: Target, *, strategy: str, executor: Executor | None = None,
-        max_parallel: int | None = None, deadline: float | None = None,
+        max_parallel: int | None = None, deadline: float | None = None, commit: bool = True,
     ) -> None:
         self.target = target
+        #: False: :meth:`commit` only chooses (a dry run): the target never changes.
+        self.commits = commit
+        #: The trial :meth:`commit` chose while ``commits`` is False.
+        self.chosen: Trial | None = None
         self.deadline = deadline
         self.depth: int = getattr(target, "depth", -1) + 1
         self.strategy = strategy
@@ -378,6 +382,14 @@ class Arena:
         if self.committed is not None:
             raise StrategyError(f"candidate {self.committed.index} is already committed")
         await anyio.lowlevel.checkpoint_if_cancelled()
+        if not self.commits:
+            if self.chosen is not None:
+                raise StrategyError(f"candidate {self.chosen.index} is already chosen")
+            self.chosen = trial
+            await self._abort_all(keep=())
+            log.info("winner_not_committed", strategy=self.strategy, index=trial.index,
+                     score=trial.score)
+            return True
         chain = self.lineage(trial)
         with anyio.CancelScope(shield=True):
             await self._abort_all(keep=chain)
@@ -480,12 +492,13 @@ class Arena:
         ``merged`` names the trials whose changes the committed trial combines.
         """
         winner = self.committed.result(self.started) if self.committed is not None else None
+        extra = {} if self.chosen is None else {"uncommitted_winner": self.chosen.index}
         return Outcome(
             committed=winner is not None, winner=winner,
             results=tuple(t.result(self.started) for t in self.trials),
             strategy=self.strategy,
             duration=time.monotonic() - self.started, timed_out=self.timed_out,
-            info=dict(info) if info is not None else {},
+            info={**extra, **(info or {})},
             merged=tuple(t.index for t in merged),
         )
 
@@ -506,7 +519,7 @@ def _parent_of(target: Target) -> Branch | None:
 @contextlib.asynccontextmanager
 async def open_arena(
     target: Target, *, strategy: str, executor: Executor | None = None,
-    max_parallel: int | None = None, deadline: float | None = None,
+    max_parallel: int | None = None, deadline: float | None = None, commit: bool = True,
 ) -> AsyncIterator[Arena]:
     """An :class:`Arena` on ``target``; on exit, on every path, no branch of it is left open.
 
@@ -514,7 +527,7 @@ async def open_arena(
     <branchagent.strategy.Strategy.open_arena>`, which fills in the options.
     """
     arena = Arena(target, strategy=strategy, executor=executor, max_parallel=max_parallel,
-                  deadline=deadline)
+                  deadline=deadline, commit=commit)
     with structlog.contextvars.bound_contextvars(strategy=strategy, depth=arena.depth):
         try:
             yield arena

@@ -104,10 +104,13 @@ class Strategy(AbstractStrategy):
 
     - ``timeout``: seconds of wall time for the whole run (``None``: none);
     - ``max_parallel``: how many candidates run at once (``None``: all);
-    - ``executor``: where candidates execute (``None``: in this process).
+    - ``executor``: where candidates execute (``None``: in this process);
+    - ``commit``: ``False`` makes the run a dry run: the winner is chosen as
+      usual (``Outcome.info["uncommitted_winner"]`` is its index), then every
+      branch is aborted and the target never changes.
 
     :meth:`open_arena` opens an :class:`~branchagent.strategy.Arena` on the
-    target that applies all three.
+    target that applies all four.
     """
 
     #: The name the strategy logs under (its entry-point name by convention).
@@ -116,6 +119,7 @@ class Strategy(AbstractStrategy):
     timeout: float | None = attrs.field(default=None, converter=check_timeout)
     max_parallel: int | None = attrs.field(default=None, converter=check_max_parallel)
     executor: Executor | None = None
+    commit: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
 
     __repr__ = _options_repr  # for subclasses that are not attrs classes
 
@@ -134,5 +138,6 @@ class Strategy(AbstractStrategy):
         async with open_arena(
             target, strategy=self.name, executor=self.executor,
             max_parallel=self.max_parallel, deadline=deadline_after(self.timeout),
+            commit=self.commit,
         ) as arena:
             yield arena
