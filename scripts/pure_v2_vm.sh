@@ -3,8 +3,9 @@
 #
 #   scripts/pure_v2_vm.sh [COMMAND...]
 #
-# Default COMMAND: /work/main/.venv/bin/python /work/main/scripts/pure_v2_probe.py
-# (the repository's own venv and probe, wherever this checkout is).
+# Default COMMAND: <checkout>/.venv/bin/python <checkout>/scripts/pure_v2_probe.py
+# (the repository's own venv and probe, wherever this checkout is; a checkout
+# without a .venv, such as a git worktree, names its python in COMMAND).
 #
 # The guest boots Debian's kernel (linux-image-amd64, 6.1) with an initramfs
 # made of busybox-static, the 9p/overlay/fuse modules and
@@ -71,6 +72,7 @@ command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 is missing: 
 command -v timeout >/dev/null || die "timeout is missing: apt-get install coreutils"
 [ -f "$init_script" ] || die "$init_script is missing"
 if [ $# -eq 0 ]; then
+    [ -x "$repo/.venv/bin/python" ] || die "$repo/.venv/bin/python is missing: run make setup, or name the python: $0 PYTHON $repo/scripts/pure_v2_probe.py"
     set -- "$repo/.venv/bin/python" "$repo/scripts/pure_v2_probe.py"
 fi
 
