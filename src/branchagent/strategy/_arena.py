@@ -142,7 +142,7 @@ class Arena:
         #: The trial :meth:`commit` chose while ``commits`` is False.
         self.chosen: Trial | None = None
         self.deadline = deadline
-        self.depth: int = getattr(target, "depth", -1) + 1
+        self.depth: int = target.depth + 1 if isinstance(target, Branch) else 0
         self.strategy = strategy
         self.executor: Executor = executor if executor is not None else LocalExecutor()
         self.max_parallel = check_max_parallel(max_parallel)
@@ -467,18 +467,18 @@ class Arena:
 
     async def _sweep(self) -> None:
         """Abort branches we asked for by name but never got back (belt and braces)."""
-        get = getattr(self.target, "get", None)
-        ws = getattr(self.target, "workspace", None)
-        if get is None and ws is not None:
-            get = getattr(ws, "get", None)
-        if get is None:
+        if isinstance(self.target, Workspace):
+            ws = self.target
+        elif isinstance(self.target, WorkspaceBranch):
+            ws = self.target.workspace
+        else:  # another kind of branch: nothing to look names up in
             return
         # Ours hang off the target, a trial's branch (trees) or a scratch fork's trial.
         ours: list[Branch | None] = [_parent_of(self.target)]
         ours += [t.branch for t in self.trials if t.branch is not None]
         for name in self._names:
             try:
-                branch = get(name)
+                branch = ws.get(name)
             except (LookupError, BranchAgentError):
                 continue
             if isinstance(branch, Branch) and any(branch.parent is p for p in ours):
