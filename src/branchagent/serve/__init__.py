@@ -8,6 +8,10 @@
 
 (install with ``pip install 'branchagent[serve]'``: starlette, uvicorn, httpx).
 
+The same verification also runs inside ``vllm serve`` itself, without this second
+server: the vLLM endpoint plugin :mod:`branchagent.serve._vllm` (``VLLM_PLUGINS=branchagent``,
+options in ``$BRANCHAGENT_VLLM``; see docs/llm.md). Both share one implementation.
+
 Endpoints: ``GET /v1/models`` (upstream's), ``POST /v1/completions``,
 ``POST /v1/chat/completions`` and ``GET /health``. A completion request with
 ``best_of=K`` (default: ``--best-of``) and ``n=M`` (default 1) asks upstream
