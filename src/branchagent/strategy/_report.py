@@ -34,17 +34,15 @@ def load_trace(text: str, *, source: str = "the trace") -> dict[str, Any]:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{source} is not JSON ({exc}); {hint}") from exc
+    # ValueError, not TypeError: the file's content is wrong, not an argument's type.
     if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
-        raise _not_an_outcome(f"{source} is JSON but not an outcome (no \"results\" list); "
-                              f"{hint}")
+        raise ValueError(  # noqa: TRY004
+            f"{source} is JSON but not an outcome (no \"results\" list); {hint}")
     for i, r in enumerate(doc["results"]):
         if not isinstance(r, dict) or not isinstance(r.get("index"), int):
-            raise _not_an_outcome(f"{source}: result {i} has no integer \"index\"; {hint}")
+            raise ValueError(  # noqa: TRY004
+                f"{source}: result {i} has no integer \"index\"; {hint}")
     return doc
-
-
-def _not_an_outcome(message: str) -> ValueError:
-    return ValueError(message)
 
 
 def state_of(success: bool, error: str | None) -> str:
