@@ -202,8 +202,10 @@ def render(facts: dict[str, str], results: list[dict[str, Any]], n: int,
         ("candidates_wall_s", "candidates: fork, apply, verify (2 at a time)", 1, "s"),
         ("verify_sum_s", "verifiers' own time (summed)", 1, "s"),
         ("branch_work_s", "branch work: fork + apply + commit + abort (summed)", 1e3, "ms"),
-        ("commit_s", "commit of the winner", 1e3, "ms"),
-        ("abort_s", f"abort of the other {n - 1} (one request)", 1e3, "ms"),
+        ("commit_s", "commit of the winner (its siblings invalidated and released)", 1e3,
+         "ms"),
+        ("abort_s", f"abort_many of the other {n - 1} (after a commit: already released "
+                    "by it)", 1e3, "ms"),
         ("branch_share", "branch work / request wall", 100, "%"),
     ]:
         p50, p95 = _pct([r[key] * scale for r in results])
