@@ -4,9 +4,11 @@
     .venv-vllm/bin/python bench/bench_llm_speculative.py [--k 4]
 
 SmolLM2-135M-Instruct (vLLM CPU, in this process) writes a list one line per step into
-``out.txt`` of a workspace; a real verifier (``python3 check.py``, a file of the
-workspace) accepts a step when the list so far is a correct prefix of the target, and
-the goal holds when the list is complete. ``SpeculativeExecution`` with
+``out.txt`` of a workspace (which starts with the list's first line; the prompt is a
+plain completion: a header, then the list so far); a real verifier
+(``python3 check.py``, a file of the workspace) accepts a step when the list so far is a
+correct prefix of the target, and the goal holds when the list is complete.
+``SpeculativeExecution`` with
 ``llm_proposer``: each proposer call is ONE model completion (greedy), cut into lines,
 whose first ``k`` are run as a chain of steps; the verified prefix is committed and the
 next call starts from there. The same runs with ``k=1`` are the step-by-step baseline
@@ -50,18 +52,18 @@ sys.exit(0 if lines == target[:len(lines)] and len(lines) <= len(target) else 1)
 @attrs.frozen
 class ListTask:
     name: str
-    description: str
+    header: str
     target: tuple[str, ...]
 
 
 TASKS = (
-    ListTask("count", "the numbers from 1 to 24, one per line, as digits",
+    ListTask("count", "Numbers from 1 to 24, one per line:",
              tuple(str(i) for i in range(1, 25))),
-    ListTask("alphabet", "the letters of the English alphabet from a to z, lower case, one "
-             "per line", tuple(chr(c) for c in range(ord("a"), ord("z") + 1))),
-    ListTask("fives", "the multiples of 5 from 5 to 100, one per line, as digits",
+    ListTask("alphabet", "The letters of the alphabet from a to z, one per line:",
+             tuple(chr(c) for c in range(ord("a"), ord("z") + 1))),
+    ListTask("fives", "Multiples of 5 from 5 to 100, one per line:",
              tuple(str(5 * i) for i in range(1, 21))),
-    ListTask("evens", "the even numbers from 2 to 40, one per line, as digits",
+    ListTask("evens", "Even numbers from 2 to 40, one per line:",
              tuple(str(2 * i) for i in range(1, 21))),
 )
 
@@ -75,13 +77,12 @@ async def _run(engine: Any, task: ListTask, k: int, tmp: Path) -> dict[str, Any]
     repo.mkdir()
     (repo / "check.py").write_text(CHECK)
     (repo / "target.json").write_text(json.dumps(list(task.target)))
+    (repo / OUT).write_text(task.target[0] + "\n")  # the list starts with its first line
 
-    def prompt(branch: ba.Branch) -> list[dict[str, str]]:
-        path = branch.path / OUT
-        so_far = (path.read_text() if path.exists() else "") or "(empty)\n"
-        return [{"role": "user", "content": (
-            f"Write {task.description}. Here is the list so far:\n{so_far}"
-            "Write only the lines that come next, one per line, nothing else.")}]
+    def prompt(branch: ba.Branch) -> str:
+        # A plain completion: this small chat model continues a list it sees; asked in a
+        # chat turn it writes one run-on line instead.
+        return f"{task.header}\n" + (branch.path / OUT).read_text()
 
     async def append(branch: ba.Branch, completion: llm.Completion) -> list[str]:
         path = anyio.Path(branch.path / OUT)
