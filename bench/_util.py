@@ -14,9 +14,11 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -25,6 +27,7 @@ __all__ = [
     "Stats",
     "Tree",
     "git",
+    "load_smollm2",
     "machine_facts",
     "machine_line",
     "make_tree",
@@ -241,6 +244,20 @@ def _pkg_version(name: str) -> str:
         return version(name)
     except PackageNotFoundError:
         return "unknown"
+
+
+def load_smollm2(model: Path) -> tuple[Any, float]:
+    """An offline ``vllm.LLM`` on the SmolLM2 folder of ``make smollm2`` (vLLM's CPU build,
+    in this process, float32), and the seconds it took to load."""
+    for key, value in {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                       "VLLM_HOST_IP": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)
+    from vllm import LLM
+
+    started = time.perf_counter()
+    engine = LLM(model=os.fspath(model), dtype="float32", max_model_len=1024,
+                 enforce_eager=True, seed=0)
+    return engine, time.perf_counter() - started
 
 
 def machine_line(f: dict[str, str]) -> str:

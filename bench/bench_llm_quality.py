@@ -44,7 +44,7 @@ import anyio
 if __package__ in (None, ""):  # run as a script: make ``bench._util`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._util import machine_facts, machine_line
+from bench._util import load_smollm2, machine_facts, machine_line
 from bench.llm_tasks import FILE, TASKS, TEST_FILE, Task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,15 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (args.model / "config.json").is_file():
         print(f"no model at {args.model}: run `make smollm2` first", file=sys.stderr)
         return 2
-    for key, value in {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-                       "VLLM_HOST_IP": "127.0.0.1"}.items():
-        os.environ.setdefault(key, value)
-    from vllm import LLM
-
-    t0 = time.perf_counter()
-    engine = LLM(model=os.fspath(args.model), dtype="float32", max_model_len=1024,
-                 enforce_eager=True, seed=0)
-    model_load = time.perf_counter() - t0
+    engine, model_load = load_smollm2(args.model)
     with tempfile.TemporaryDirectory(prefix="bench-llm-quality-") as tmp_name:
         tmp = Path(tmp_name)
         results = anyio.run(_bench, engine, tasks, n, sizes, tmp)

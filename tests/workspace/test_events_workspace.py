@@ -73,37 +73,6 @@ async def test_abort_of_a_subtree_and_commit_over_open_children(
     assert seen[1].depth == 1
 
 
-async def test_losers_are_released_in_one_backend_request(
-        repo: Path, backend_name: str) -> None:
-    """N losers of a commit cost one ``abort_many``, not N ``abort`` round trips."""
-    calls: list[tuple[str, tuple[str, ...]]] = []
-    async with ba.open_workspace(repo, backend=backend_name) as ws:
-        be = ws.backend
-        orig_many, orig_one = be.abort_many, be.abort
-
-        async def many(names: Sequence[str]) -> None:
-            calls.append(("abort_many", tuple(names)))
-            await orig_many(names)
-
-        async def one(name: str) -> None:
-            calls.append(("abort", (name,)))
-            await orig_one(name)
-
-        be.abort_many = many  # type: ignore[method-assign]
-        be.abort = one  # type: ignore[method-assign]
-        try:
-            win = await ws.fork("win")
-            losers = [await ws.fork(f"l{i}") for i in range(5)]
-            await losers[0].fork("l0kid")
-            await win.commit()
-            assert calls == [("abort_many", ("l0kid", "l0", "l1", "l2", "l3", "l4"))]
-            assert all(not be.exists(b.name) for b in losers)
-            assert all(b.state is ba.BranchState.INVALIDATED for b in losers)
-        finally:
-            be.abort_many = orig_many  # type: ignore[method-assign]
-            be.abort = orig_one  # type: ignore[method-assign]
-
-
 @contextlib.contextmanager
 def backend_aborts(be: ba.Backend) -> Iterator[list[tuple[str, tuple[str, ...]]]]:
     """Every abort request ``be`` gets while the block runs: (method, names)."""
@@ -125,6 +94,21 @@ def backend_aborts(be: ba.Backend) -> Iterator[list[tuple[str, tuple[str, ...]]]
     finally:
         be.abort_many = orig_many  # type: ignore[method-assign]
         be.abort = orig_one  # type: ignore[method-assign]
+
+
+async def test_losers_are_released_in_one_backend_request(
+        repo: Path, backend_name: str) -> None:
+    """N losers of a commit cost one ``abort_many``, not N ``abort`` round trips."""
+    async with ba.open_workspace(repo, backend=backend_name) as ws:
+        be = ws.backend
+        with backend_aborts(be) as calls:
+            win = await ws.fork("win")
+            losers = [await ws.fork(f"l{i}") for i in range(5)]
+            await losers[0].fork("l0kid")
+            await win.commit()
+            assert calls == [("abort_many", ("l0kid", "l0", "l1", "l2", "l3", "l4"))]
+            assert all(not be.exists(b.name) for b in losers)
+            assert all(b.state is ba.BranchState.INVALIDATED for b in losers)
 
 
 async def test_workspace_abort_many_is_one_backend_request(
