@@ -273,18 +273,18 @@ async def write_code_blocks(
                                  kind="unnamed ")
         assert picked is not None
         named = [attrs.evolve(picked, path=path)]
-    files: dict[Path, tuple[str, str]] = {}
-    for number, block in enumerate(named, 1):
-        assert block.path is not None
-        target = _check_file_path(branch, block.path, f"code block {number}")
-        files[target] = (block.path, block.code)
 
-    def write_all() -> None:
+    def write_all() -> list[str]:  # path checks follow symlinks: off the loop as well
+        files: dict[Path, tuple[str, str]] = {}
+        for number, block in enumerate(named, 1):
+            assert block.path is not None
+            target = _check_file_path(branch, block.path, f"code block {number}")
+            files[target] = (block.path, block.code)
         for target, (_, code) in files.items():
             _write(target, code)
+        return [shown for shown, _ in files.values()]
 
-    await anyio.to_thread.run_sync(write_all)
-    return [shown for shown, _ in files.values()]
+    return await anyio.to_thread.run_sync(write_all)
 
 
 async def write_file(branch: Branch, completion: Completion, *, path: str) -> list[str]:
@@ -300,8 +300,11 @@ async def write_file(branch: Branch, completion: Completion, *, path: str) -> li
     block = pick_code_block(parse_code_blocks(completion.text), path,
                             what=f"completion {completion.index}")
     code = completion.text if block is None else block.code
-    target = _check_file_path(branch, path, "the apply mode")
-    await anyio.to_thread.run_sync(_write, target, code)
+
+    def check_and_write() -> None:
+        _write(_check_file_path(branch, path, "the apply mode"), code)
+
+    await anyio.to_thread.run_sync(check_and_write)
     return [path]
 
 
@@ -330,13 +333,13 @@ async def apply_diff(branch: Branch, completion: Completion) -> list[str]:
     paths changed.
     """
     patches = parse_unified_diff(_diff_text(completion.text))
-    targets = []
-    for fp in patches:
-        old = _check_file_path(branch, fp.old_path, "the diff") if fp.old_path else None
-        new = _check_file_path(branch, fp.new_path, "the diff") if fp.new_path else None
-        targets.append((fp, old, new))
 
     def patch_all() -> list[str]:
+        targets = []
+        for fp in patches:
+            old = _check_file_path(branch, fp.old_path, "the diff") if fp.old_path else None
+            new = _check_file_path(branch, fp.new_path, "the diff") if fp.new_path else None
+            targets.append((fp, old, new))
         contents: dict[Path, str | None] = {}  # None: deleted
 
         def current(p: Path, shown: str) -> str:

@@ -38,7 +38,8 @@ The extension field. Each returned choice carries::
         "text_chars": 412,
         "apply": {"ok": true, "paths": ["calc.py"], "output": null, "error": null},
         "verify": {"returncode": 0, "killed": null, "stdout_tail": "...",
-                   "stderr_tail": "...", "stdout_chars": 120, "stderr_chars": 0},
+                   "stderr_tail": "...", "stdout_chars": 120, "stderr_chars": 0,
+                   "duration": 0.004},
     }
 
 and the response's top level ``response["branchagent"] = {"best_of", "n",

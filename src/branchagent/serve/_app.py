@@ -399,9 +399,8 @@ class _Server:
                                 committed = b.name
                 finally:
                     with anyio.CancelScope(shield=True):
-                        for b in ws.branches():
-                            if b.name in keep and b.name != committed:
-                                await b.abort()
+                        await ws.abort_many(b for b in ws.branches()
+                                            if b.name in keep and b.name != committed)
         out_choices = []
         for position, t in enumerate(chosen):
             source = choices[trials.index(t)]
@@ -456,6 +455,7 @@ def _verify_record(info: Mapping[str, Any]) -> dict[str, Any]:
         "stdout_tail": out[-TAIL_LIMIT:] if isinstance(out, str) else None,
         "stderr_tail": err[-TAIL_LIMIT:] if isinstance(err, str) else None,
         "stdout_chars": info.get("stdout_chars"), "stderr_chars": info.get("stderr_chars"),
+        "duration": info.get("run_duration"),
     }
 
 
