@@ -164,6 +164,43 @@ async def test_timeout_argument_overrides_limits(repo: Path, backend_name: str) 
         assert time.monotonic() - started < 2.3
 
 
+async def test_without_pidfd_a_thread_waits_and_timeouts_still_kill(
+    repo: Path, backend_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linux before 5.3 has no pidfd: the run is then awaited in a worker thread, and a
+    timeout still ends it (and its tree) on time."""
+
+    def no_pidfd(pid: int, flags: int = 0) -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    tok = token()
+    async with open_branch(repo, backend_name) as b:
+        ok = await b.run(["sh", "-c", "echo hi; exit 3"], isolate=False)
+        assert (ok.returncode, ok.stdout) == (3, "hi\n")
+        started = time.monotonic()
+        r = await b.run(["sh", "-c", f"sleep {tok} & sleep {tok}; wait"], isolate=False,
+                        timeout=0.4)
+        assert r.killed == "timeout"
+        assert time.monotonic() - started < 2.4
+        assert await wait_for_pids(tok, present=False, within=2.0) == []
+
+
+async def test_runs_do_not_use_the_event_loops_own_spawn(
+    repo: Path, backend_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run starts with Popen (vfork), not the loop's spawn: uvloop's forks the caller,
+    whose cost grows with its memory (a verifier start took 5-10x longer in vLLM's server)."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Branch.run used anyio.open_process")
+
+    async with open_branch(repo, backend_name) as b:  # the FUSE daemon may start with it
+        monkeypatch.setattr(anyio, "open_process", refuse)
+        r = await b.run(["sh", "-c", "echo $0", "x"], isolate=False)
+        assert (r.returncode, r.stdout) == (0, "x\n")
+
+
 @pytest.mark.parametrize("isolate", ISOLATE)
 async def test_aborting_the_branch_kills_a_run_in_flight(
     repo: Path, backend_name: str, isolate: bool
