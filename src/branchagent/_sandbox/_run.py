@@ -66,6 +66,14 @@ def _read_capped(path: Path, cap: int | None) -> tuple[str, bool]:
     return data.decode("utf-8", errors="replace"), cap is not None and size > cap
 
 
+def _collect(tmp: Path, cap: int | None) -> tuple[tuple[str, bool], tuple[str, bool]]:
+    """The run's stdout and stderr (each cut at ``cap``), then its scratch dir removed."""
+    try:
+        return _read_capped(tmp / "stdout", cap), _read_capped(tmp / "stderr", cap)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @attrs.frozen
 class _Files:
     tmp: Path
@@ -118,13 +126,15 @@ async def run_in(
                 stdout=files.stdout, stderr=files.stderr, timeout=options.get("timeout"),
                 on_cgroup=on_cgroup,
             )
-        stdout, out_trunc = await anyio.to_thread.run_sync(
-            _read_capped, files.tmp / "stdout", limits.output)
-        stderr, err_trunc = await anyio.to_thread.run_sync(
-            _read_capped, files.tmp / "stderr", limits.output)
-    finally:
+    except BaseException:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(shutil.rmtree, files.tmp, True)
+        raise
+    # One trip to a worker thread for both outputs and the clean-up: each trip costs a
+    # thread wake-up, which on a loaded machine is most of what a short run costs.
+    with anyio.CancelScope(shield=True):
+        (stdout, out_trunc), (stderr, err_trunc) = await anyio.to_thread.run_sync(
+            _collect, files.tmp, limits.output)
     check_markers(isolate, o.returncode, stderr, os.fspath(argv[0]), workspace_path)
     return RunResult(
         argv=tuple(os.fspath(a) for a in argv), returncode=o.returncode, stdout=stdout,

@@ -242,8 +242,11 @@ class Child:
     @classmethod
     def start(cls, argv: Sequence[str], *, stdin: IO[Any] | int, stdout: IO[Any],
               stderr: IO[Any], cwd: str, env: Mapping[str, str],
-              pass_fds: tuple[int, ...]) -> Child:
-        """Start ``argv`` in a new session (blocking: call it in a worker thread)."""
+              pass_fds: tuple[int, ...], look_up: str | None = None) -> Child:
+        """Start ``argv`` in a new session (blocking: call it in a worker thread), after
+        checking that the executable ``look_up`` is found from ``cwd`` and ``env``'s PATH."""
+        if look_up is not None and not _findable(look_up, cwd, env.get("PATH")):
+            raise SandboxError(f"cannot run {look_up!r}: not found")
         return cls(subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd,
                                     env=env, start_new_session=True, pass_fds=pass_fds))
 
@@ -265,6 +268,19 @@ class Child:
         fd, self._pidfd = self._pidfd, None
         if fd is not None:
             os.close(fd)
+
+
+def _finish_cgroup(cg: _cgroup.RunCgroup) -> set[str]:
+    """The limits ``cg`` hit, read before it is removed (one worker-thread trip)."""
+    hit = set()
+    try:
+        if cg.oom_killed():
+            hit.add("memory")
+        if cg.pids_limit_hit():
+            hit.add("pids")
+    finally:
+        cg.remove()
+    return hit
 
 
 def _kill_group(pid: int) -> None:
@@ -360,19 +376,16 @@ async def spawn(
         full_env[BRANCH_PATH_ENV] = os.fspath(branch_path)
         if env:
             full_env.update(env)
-        if not isolate:  # isolated runs look the executable up inside the namespace
-            exe = os.fspath(argv[0])
-            found = await anyio.to_thread.run_sync(_findable, exe, cwd, full_env.get("PATH"))
-            if not found:
-                raise SandboxError(f"cannot run {exe!r}: not found")
-
+        # Isolated runs look the executable up inside the namespace; others here, in the
+        # same worker-thread trip as the start.
+        look_up = None if isolate else os.fspath(argv[0])
         started = time.monotonic()
         try:
             # Shielded: once the process exists, ``proc`` must hold it for the cleanup below.
             with anyio.CancelScope(shield=True):
                 proc = await anyio.to_thread.run_sync(functools.partial(
                     Child.start, cmd, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd,
-                    env=full_env, pass_fds=tuple(pass_fds)))
+                    env=full_env, pass_fds=tuple(pass_fds), look_up=look_up))
         except FileNotFoundError as exc:
             raise SandboxError(f"cannot run {cmd[0]!r}: not found") from exc
         assert proc is not None  # a shielded scope swallows nothing
@@ -398,11 +411,7 @@ async def spawn(
             if on_cgroup is not None and proc is not None:
                 on_cgroup(None, 0)
             if cg is not None:
-                if await anyio.to_thread.run_sync(cg.oom_killed):
-                    hit.add("memory")
-                if await anyio.to_thread.run_sync(cg.pids_limit_hit):
-                    hit.add("pids")
-                await anyio.to_thread.run_sync(cg.remove)
+                hit.update(await anyio.to_thread.run_sync(_finish_cgroup, cg))
     assert proc is not None
     if "memory" in hit and killed is None:
         killed = "memory"

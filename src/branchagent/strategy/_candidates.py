@@ -133,10 +133,12 @@ async def _run_command(cmd: Command, branch: Branch) -> Verdict:
     argv = ["/bin/sh", "-c", _SCORE_FD_SCRIPT, "branchagent-command", *cmd.argv]
     try:
         r = await branch.run(argv, limits=cmd.limits, isolate=cmd.isolate, env=env)
-        raw = await anyio.to_thread.run_sync(_read_tail, score_file, _SCORE_BYTES)
-    finally:
+    except BaseException:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(shutil.rmtree, score_dir, True)
+        raise
+    with anyio.CancelScope(shield=True):  # one worker-thread trip: read, then remove
+        raw = await anyio.to_thread.run_sync(_take_tail, score_dir, score_file, _SCORE_BYTES)
     score = _parse_score(raw)
     info: dict[str, Any] = {
         "argv": list(cmd.argv),
@@ -150,6 +152,13 @@ async def _run_command(cmd: Command, branch: Branch) -> Verdict:
         "stderr_chars": len(r.stderr),
     }
     return Verdict(r.ok, score, info)
+
+
+def _take_tail(tmp: Path, path: Path, size: int) -> str:
+    try:
+        return _read_tail(path, size)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_tail(path: Path, size: int) -> str:
