@@ -66,6 +66,7 @@ from .exceptions import (
 )
 
 if TYPE_CHECKING:
+    from ._session import Session
     from contextlib import AbstractAsyncContextManager
 
 __all__ = ["Workspace", "WorkspaceBranch", "open_workspace"]
@@ -112,6 +113,7 @@ class WorkspaceBranch:
         self._children: list[WorkspaceBranch] = []
         self._lock = RWLock()
         self._runs: set[anyio.CancelScope] = set()
+        self._sessions: set[Session] = set()  # live sessions seeing this branch
         self._active: dict[anyio.CancelScope, tuple[RunCgroup | None, int]] = {}
         self._disk: int | None = None  # its own disk limit (fork's, inherited, the workspace's)
         self._run_disks: list[int] = []  # Limits.disk of the runs in progress
@@ -344,6 +346,20 @@ class WorkspaceBranch:
             self._active.pop(scope, None)
         raise BranchClosed(f"branch {self._name!r} was aborted while {fn!r} ran")
 
+    async def session(self, *, limits: Limits | None = None,
+                      env: Mapping[str, str] | None = None) -> Session:
+        """A live, isolated Python interpreter in this branch; ``await session.fork()``
+        forks it together with the branch. See :class:`~branchagent.Session`.
+
+        It runs in this branch's sandbox (the branch at the workspace's path, private
+        mount and PID namespaces, its own cgroups under ``limits``). It ends with
+        ``session.close()``, or when this branch is aborted or invalidated.
+        """
+        from ._session import start_session
+
+        self._check_open()
+        return await start_session(self, limits=limits, env=env)
+
     async def pause(self) -> None:
         """Freeze every process running in this branch (cgroup freezer, else SIGSTOP)."""
         self._check_open()
@@ -404,6 +420,53 @@ async def _branch_cm(
             with anyio.CancelScope(shield=True):
                 await b.abort()
             raise
+
+
+async def _sessions_before_commit(b: WorkspaceBranch,
+                                  parent: WorkspaceBranch | None) -> list[Session]:
+    """Point ``b``'s sessions at ``parent``'s view (they follow the winner; a session
+    that cannot is ended). A commit into the base moves none: they end after it."""
+    moved: list[Session] = []
+    if parent is None:
+        return moved
+    for s in list(b._sessions):
+        try:
+            await s._enter(parent)
+            moved.append(s)
+        except Exception as exc:
+            log.warning("session_rebind_failed", branch=b._name, error=str(exc))
+            await s._terminate(f"could not follow {b._name!r} into {parent._name!r}: {exc}")
+    return moved
+
+
+async def _sessions_back(b: WorkspaceBranch, moved: Sequence[Session]) -> None:
+    """The commit failed: the moved sessions see ``b`` again (or end)."""
+    for s in moved:
+        try:
+            await s._enter(b)
+        except Exception as exc:
+            await s._terminate(f"the commit of {b._name!r} failed and the session could "
+                               f"not return to its branch: {exc}")
+
+
+async def _sessions_after_commit(b: WorkspaceBranch, parent: WorkspaceBranch | None,
+                                 losers: Sequence[WorkspaceBranch],
+                                 moved: Sequence[Session]) -> None:
+    """Sessions follow the winner: ``moved`` (``b``'s) now belong to ``parent``, whose
+    files are ``b``'s; the parent's own sessions and the losers' end. A commit into the
+    base ends ``b``'s sessions (a session lives in a branch, never in the base)."""
+    for loser in losers:
+        for s in list(loser._sessions):
+            await s._terminate(f"branch {loser._name!r} was invalidated")
+    if parent is not None:
+        for s in list(parent._sessions):
+            await s._terminate(f"{b._name!r} was committed into {parent._name!r}, whose "
+                               "files no longer match this session's memory")
+    for s in list(b._sessions):
+        if s in moved and parent is not None:
+            s._move_to(parent)
+        else:
+            await s._terminate(f"branch {b._name!r} was committed into the base")
 
 
 def _ancestors(b: WorkspaceBranch) -> Iterator[WorkspaceBranch]:
@@ -540,7 +603,15 @@ class Workspace:
             b._check_open()
             if parent is not None:
                 parent._check_open()
-            changes = await self._backend.commit(b._name)
+            # The committing branch's sessions see the parent before its view goes away
+            # (a view that is gone can take no mount); on failure they come back.
+            moved = await _sessions_before_commit(b, parent)
+            try:
+                changes = await self._backend.commit(b._name)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await _sessions_back(b, moved)
+                raise
             # Point of no return: the data is in the parent.
             with anyio.CancelScope(shield=True):
                 b._state = BranchState.COMMITTED
@@ -561,6 +632,7 @@ class Workspace:
                     for scope in loser._runs:
                         scope.cancel()
                 siblings[:] = [s for s in siblings if s is not b and s._state is BranchState.OPEN]
+                await _sessions_after_commit(b, parent, losers, moved)
                 await self._release(losers)
                 await self._persist()
         log.info("branch_committed", branch=b._name, parent=parent.name if parent else None,
@@ -599,6 +671,8 @@ class Workspace:
                     self._open.pop(v._name, None)
                     for scope in v._runs:
                         scope.cancel()
+                    for session in list(v._sessions):
+                        await session._terminate(f"branch {v._name!r} {why}")
             siblings = b._parent._children if b._parent is not None else self._top
             if b in siblings:
                 siblings.remove(b)
