@@ -13,6 +13,7 @@ from ._events import Event, observe
 from ._limits import Limits
 from ._protocols import RunOptions
 from ._sandbox._run import RunResult
+from ._session import Session
 from ._workspace import Workspace, WorkspaceBranch, open_workspace
 from .exceptions import (
     ApplyError,
@@ -38,6 +39,9 @@ from .exceptions import (
     ProcessKilled,
     RemoteError,
     SandboxError,
+    SessionClosed,
+    SessionError,
+    SessionForkError,
     ServeError,
     SourceError,
     StrategyError,
@@ -160,6 +164,10 @@ __all__ = [
     "RunOptions",
     "RunResult",
     "SandboxError",
+    "Session",
+    "SessionClosed",
+    "SessionError",
+    "SessionForkError",
     "ServeError",
     "SourceError",
     "Speculate",

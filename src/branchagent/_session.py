@@ -202,9 +202,9 @@ class Session:
     Requests run one at a time, in the order they come. ``exec``, ``eval`` and
     ``call`` return pickled values (cloudpickle) and raise what the code raised,
     with the same mapping as :meth:`Branch.call`. A session ends with
-    :meth:`close`, or when its branch is aborted, invalidated or committed into
-    the base; committing its branch into a parent branch moves the session
-    there (the parent's own sessions end: their memory no longer matches).
+    :meth:`close`, or when its branch is committed, aborted or invalidated
+    (the files of a committed branch live on in its parent; its interpreter
+    does not: see ``docs/sessions.md``).
     """
 
     def __init__(self, branch: WorkspaceBranch, tree: _Tree, stream: anyio.abc.SocketStream,
@@ -343,21 +343,6 @@ class Session:
         await self._terminate("closed")
 
     # -- the workspace's side -----------------------------------------------------------
-
-    async def _enter(self, branch: WorkspaceBranch) -> None:
-        """See ``branch``'s view at the workspace path from now on (still registered
-        with this session's own branch; :meth:`_move_to` changes that)."""
-        view = _view_in_sandbox(branch)
-        async with self._lock:
-            self._check_open()
-            await self._send(("rebind", view))
-            reply = await self._recv_reply("rebind")
-        self._unpack(reply, "rebind")
-
-    def _move_to(self, branch: WorkspaceBranch) -> None:
-        self._branch._sessions.discard(self)
-        self._branch = branch
-        branch._sessions.add(self)
 
     async def _terminate(self, why: str) -> None:
         """Kill the interpreter and its processes, free its cgroups. Idempotent, shielded."""

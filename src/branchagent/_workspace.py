@@ -422,51 +422,16 @@ async def _branch_cm(
             raise
 
 
-async def _sessions_before_commit(b: WorkspaceBranch,
-                                  parent: WorkspaceBranch | None) -> list[Session]:
-    """Point ``b``'s sessions at ``parent``'s view (they follow the winner; a session
-    that cannot is ended). A commit into the base moves none: they end after it."""
-    moved: list[Session] = []
-    if parent is None:
-        return moved
-    for s in list(b._sessions):
-        try:
-            await s._enter(parent)
-            moved.append(s)
-        except Exception as exc:
-            log.warning("session_rebind_failed", branch=b._name, error=str(exc))
-            await s._terminate(f"could not follow {b._name!r} into {parent._name!r}: {exc}")
-    return moved
-
-
-async def _sessions_back(b: WorkspaceBranch, moved: Sequence[Session]) -> None:
-    """The commit failed: the moved sessions see ``b`` again (or end)."""
-    for s in moved:
-        try:
-            await s._enter(b)
-        except Exception as exc:
-            await s._terminate(f"the commit of {b._name!r} failed and the session could "
-                               f"not return to its branch: {exc}")
-
-
-async def _sessions_after_commit(b: WorkspaceBranch, parent: WorkspaceBranch | None,
-                                 losers: Sequence[WorkspaceBranch],
-                                 moved: Sequence[Session]) -> None:
-    """Sessions follow the winner: ``moved`` (``b``'s) now belong to ``parent``, whose
-    files are ``b``'s; the parent's own sessions and the losers' end. A commit into the
-    base ends ``b``'s sessions (a session lives in a branch, never in the base)."""
+async def _sessions_after_commit(b: WorkspaceBranch, losers: Sequence[WorkspaceBranch]) -> None:
+    """The sessions of the committed branch and of the branches it invalidated end with
+    their branches. (A session cannot follow its files into the parent: its view of the
+    branch is a bind mount on the branch's directory, which the backend removes, and
+    Linux detaches every mount stacked on a removed directory. See docs/sessions.md.)"""
     for loser in losers:
         for s in list(loser._sessions):
             await s._terminate(f"branch {loser._name!r} was invalidated")
-    if parent is not None:
-        for s in list(parent._sessions):
-            await s._terminate(f"{b._name!r} was committed into {parent._name!r}, whose "
-                               "files no longer match this session's memory")
     for s in list(b._sessions):
-        if s in moved and parent is not None:
-            s._move_to(parent)
-        else:
-            await s._terminate(f"branch {b._name!r} was committed into the base")
+        await s._terminate(f"branch {b._name!r} was committed")
 
 
 def _ancestors(b: WorkspaceBranch) -> Iterator[WorkspaceBranch]:
@@ -603,15 +568,7 @@ class Workspace:
             b._check_open()
             if parent is not None:
                 parent._check_open()
-            # The committing branch's sessions see the parent before its view goes away
-            # (a view that is gone can take no mount); on failure they come back.
-            moved = await _sessions_before_commit(b, parent)
-            try:
-                changes = await self._backend.commit(b._name)
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await _sessions_back(b, moved)
-                raise
+            changes = await self._backend.commit(b._name)
             # Point of no return: the data is in the parent.
             with anyio.CancelScope(shield=True):
                 b._state = BranchState.COMMITTED
@@ -632,7 +589,7 @@ class Workspace:
                     for scope in loser._runs:
                         scope.cancel()
                 siblings[:] = [s for s in siblings if s is not b and s._state is BranchState.OPEN]
-                await _sessions_after_commit(b, parent, losers, moved)
+                await _sessions_after_commit(b, losers)
                 await self._release(losers)
                 await self._persist()
         log.info("branch_committed", branch=b._name, parent=parent.name if parent else None,

@@ -9,7 +9,6 @@ a pickle (see :func:`send` / :func:`recv`)::
     ("eval", expr)          -> ("ok", value)
     ("call", fn, args, kw)  -> ("ok", fn(*args, **kw))
     ("fork", view)          -> the child's socket end (SCM_RIGHTS) + ("ok", child_ns_pid)
-    ("rebind", view)        -> ("ok", None): this process now sees ``view`` at WS_PATH
     ("close",)              -> ("ok", None), then exit
 
 Errors come back as ``("err", exc, traceback)`` or ``("err_raw", type, msg, tb)``
@@ -107,10 +106,7 @@ def _drop_caps() -> None:
 
 def enter_view(view: str, ws: str) -> None:
     """See ``view`` at ``ws`` from now on, in a mount namespace of our own."""
-    try:
-        cwd = os.getcwd()
-    except OSError:  # the old view is gone (its branch was committed): start at the top
-        cwd = ws
+    cwd = os.getcwd()
     uid, gid = os.geteuid(), os.getegid()
     _check(_libc.unshare(CLONE_NEWUSER | CLONE_NEWNS), "unshare(user, mount)")
     _write("/proc/self/setgroups", "deny")
@@ -226,12 +222,6 @@ def serve(sock: socket.socket, ws: str, ns: dict[str, Any]) -> int:
                 socket.send_fds(sock, [b"F"], [mine.fileno()])
                 mine.close()
                 value = pid
-            elif op == "rebind":
-                problems = [p for p in fork_problems(sock, forks) if "file" in p]
-                if problems:
-                    raise RuntimeError("cannot move this session: " + "; ".join(problems))
-                enter_view(req[1], ws)
-                value = None
             elif op == "close":
                 send(sock, ("ok", None))
                 return 0
