@@ -478,7 +478,7 @@ async def start_session(branch: WorkspaceBranch, *, limits: Limits | None = None
         raise IsolationUnavailable(f"{problem}: a session needs them (it runs isolated)")
     ws = branch._ws
     views = views_root(branch)
-    view = _view_in_sandbox(branch)
+    _view_in_sandbox(branch)  # (the backend says where its views are, or refuses)
     ws._scratch.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="session-", dir=ws._scratch))
     (tmp / "t").mkdir()
@@ -522,14 +522,10 @@ async def start_session(branch: WorkspaceBranch, *, limits: Limits | None = None
         complete = len(buf) >= _HEADER.size and len(buf) >= _HEADER.size + _HEADER.unpack(
             bytes(buf[:_HEADER.size]))[0]
         if not complete:
-            tail = tree.log_tail()
             await stream.aclose()
             tree.ended = True
             await _end(proc, tree_cg)
-            if ISOLATION_MARKER in tail:
-                raise IsolationUnavailable(
-                    f"could not set up the session's sandbox at {ws.path}: {tail[-2000:]}")
-            raise ProcessKilled(f"the session's interpreter did not start: {tail[-2000:]}")
+            _start_failed(tree.log_tail(), ws.path)
         ns_pid = cloudpickle.loads(bytes(buf[_HEADER.size:]))[1]
         pid = await anyio.to_thread.run_sync(_host_pid, proc.pid, ns_pid)
         cg = await anyio.to_thread.run_sync(_cgroup.host().create, limits)
@@ -550,6 +546,13 @@ async def start_session(branch: WorkspaceBranch, *, limits: Limits | None = None
     session = Session(branch, tree, stream, pid, ns_pid, cg, limits)
     log.info("session_started", branch=branch.name, pid=pid)
     return session
+
+
+def _start_failed(tail: str, where: Path) -> None:
+    if ISOLATION_MARKER in tail:
+        raise IsolationUnavailable(
+            f"could not set up the session's sandbox at {where}: {tail[-2000:]}")
+    raise ProcessKilled(f"the session's interpreter did not start: {tail[-2000:]}")
 
 
 async def _end(proc: anyio.abc.Process, cg: _cgroup.RunCgroup | None) -> None:

@@ -66,8 +66,9 @@ from .exceptions import (
 )
 
 if TYPE_CHECKING:
-    from ._session import Session
     from contextlib import AbstractAsyncContextManager
+
+    from ._session import Session
 
 __all__ = ["Workspace", "WorkspaceBranch", "open_workspace"]
 

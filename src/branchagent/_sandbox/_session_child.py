@@ -41,7 +41,7 @@ from typing import Any
 import cloudpickle  # type: ignore[import-untyped]
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _child import dumps  # type: ignore[import-not-found]  # noqa: E402
+from _child import dumps  # type: ignore[import-not-found]
 
 del sys.path[0]
 
@@ -123,7 +123,7 @@ def enter_view(view: str, ws: str) -> None:
 
 
 def _our_children(known: set[int]) -> list[int]:
-    out = []
+    out: list[int] = []
     for tid in os.listdir("/proc/self/task"):
         try:
             with open(f"/proc/self/task/{tid}/children") as f:
@@ -173,6 +173,55 @@ def _reply_error(sock: socket.socket, exc: BaseException) -> None:
     send(sock, data)
 
 
+def _fork(sock: socket.socket, ws: str, ns: dict[str, Any], forks: set[int],
+          view: str) -> int:
+    """Fork this interpreter into ``view``; the new process serves its own socket, whose
+    other end goes to the parent (SCM_RIGHTS) before this one's reply."""
+    problems = fork_problems(sock, forks)
+    if problems:
+        raise RuntimeError("cannot fork this session: " + "; ".join(problems))
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:  # the child session: never returns into the parent's loop
+        rc = 1
+        try:
+            sock.close()
+            mine.close()
+            try:
+                enter_view(view, ws)
+            except BaseException as exc:
+                _reply_error(theirs, exc)
+                raise
+            send(theirs, ("ok", os.getpid()))
+            rc = serve(theirs, ws, ns)
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(rc)
+    forks.add(pid)
+    theirs.close()
+    socket.send_fds(sock, [b"F"], [mine.fileno()])
+    mine.close()
+    return pid
+
+
+def _handle(req: tuple[Any, ...], sock: socket.socket, ws: str, ns: dict[str, Any],
+            forks: set[int]) -> Any:
+    op = req[0]
+    if op == "exec":
+        exec(compile(req[1], "<session>", "exec"), ns)
+        return None
+    if op == "eval":
+        return eval(compile(req[1], "<session>", "eval"), ns)
+    if op == "call":
+        return req[1](*req[2], **req[3])
+    if op == "fork":
+        return _fork(sock, ws, ns, forks, req[1])
+    raise ValueError(f"unknown session request {op!r}")
+
+
 def serve(sock: socket.socket, ws: str, ns: dict[str, Any]) -> int:
     forks: set[int] = set()
     while True:
@@ -187,46 +236,11 @@ def serve(sock: socket.socket, ws: str, ns: dict[str, Any]) -> int:
             req = recv(sock)
         except EOFError:
             return 0
-        op = req[0]
+        if req[0] == "close":
+            send(sock, ("ok", None))
+            return 0
         try:
-            if op == "exec":
-                exec(compile(req[1], "<session>", "exec"), ns)
-                value: Any = None
-            elif op == "eval":
-                value = eval(compile(req[1], "<session>", "eval"), ns)
-            elif op == "call":
-                value = req[1](*req[2], **req[3])
-            elif op == "fork":
-                problems = fork_problems(sock, forks)
-                if problems:
-                    raise RuntimeError("cannot fork this session: " + "; ".join(problems))
-                mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-                pid = os.fork()
-                if pid == 0:  # the child session
-                    sock.close()
-                    mine.close()
-                    try:
-                        enter_view(req[1], ws)
-                    except BaseException as exc:
-                        _reply_error(theirs, exc)
-                        os._exit(1)
-                    send(theirs, ("ok", os.getpid()))
-                    try:
-                        rc = serve(theirs, ws, ns)
-                    finally:
-                        sys.stdout.flush()
-                        sys.stderr.flush()
-                    os._exit(rc)
-                forks.add(pid)
-                theirs.close()
-                socket.send_fds(sock, [b"F"], [mine.fileno()])
-                mine.close()
-                value = pid
-            elif op == "close":
-                send(sock, ("ok", None))
-                return 0
-            else:
-                raise ValueError(f"unknown session request {op!r}")
+            value = _handle(req, sock, ws, ns, forks)
         except BaseException as exc:
             _reply_error(sock, exc)
             continue
