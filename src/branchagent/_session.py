@@ -25,9 +25,9 @@ import socket
 import struct
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import anyio
 import anyio.abc
@@ -65,6 +65,8 @@ if TYPE_CHECKING:
     from ._workspace import WorkspaceBranch
 
 __all__ = ["Session"]
+
+T = TypeVar("T")
 
 log = get_logger("branchagent.session")
 
@@ -220,6 +222,7 @@ class Session:
         self._lock = anyio.Lock()
         self._closed: str | None = None
         self._cleaned = False
+        self._node = False  # the node session of its branch (strategy.InSession)
         tree.sessions.add(self)
         branch._sessions.add(self)
 
@@ -283,42 +286,39 @@ class Session:
 
     async def _fork_into(self, child_branch: WorkspaceBranch) -> Session:
         view = _view_in_sandbox(child_branch)
-        async with self._lock:
-            self._check_open()
-            await self._send(("fork", view))
-            try:
-                first = await self._receive_fd_or_byte()
-            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError) as exc:
-                raise await self._died("fork") from exc
-            if isinstance(first, bytes):
-                self._buf[:0] = first
-                reply = await self._recv_reply("fork")
-                try:
-                    self._unpack(reply, "fork")
-                except RuntimeError as exc:
-                    raise SessionForkError(str(exc)) from None
-                raise SessionForkError(f"unexpected reply to fork: {reply!r}")
-            sock = socket.socket(fileno=first)
-            reply = await self._recv_reply("fork")
-        ns_pid = self._unpack(reply, "fork")
-        stream = await anyio.abc.UNIXSocketStream.from_socket(sock)
-        pid = await anyio.to_thread.run_sync(_host_pid, self._tree.proc.pid, ns_pid)
-        cg = None
+        made: list[_cgroup.RunCgroup | None] = []
+
+        async def make_cgroup() -> None:
+            made.append(await anyio.to_thread.run_sync(_cgroup.host().create, self._limits))
+
+        # The child's cgroups are made while the interpreter forks (both take a few ms).
         try:
-            cg = await anyio.to_thread.run_sync(_cgroup.host().create, self._limits)
-            if cg is not None:
-                await anyio.to_thread.run_sync(_join, cg, pid)
-            child = Session(child_branch, self._tree, stream, pid, ns_pid, cg, self._limits)
+            sock, ns_pid = await _beside(make_cgroup, self._fork_round_trip(view))
         except BaseException:
             with anyio.CancelScope(shield=True):
-                _kill(pid)
-                await stream.aclose()
+                for cg in made:
+                    if cg is not None:
+                        await anyio.to_thread.run_sync(cg.remove)
+            raise
+        cg = made[0]
+        stream = await anyio.abc.UNIXSocketStream.from_socket(sock)
+        try:
+            pid = await anyio.to_thread.run_sync(_host_pid, self._tree.proc.pid, ns_pid)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()  # the child ends when it reads end of stream
                 if cg is not None:
-                    await anyio.to_thread.run_sync(cg.kill)
                     await anyio.to_thread.run_sync(cg.remove)
             raise
+        child = Session(child_branch, self._tree, stream, pid, ns_pid, cg, self._limits)
         try:
-            reply = await child._recv_reply("fork")  # the child's own word: its view is set
+            # Moving it into its cgroups (a cgroup migration waits for an RCU grace period,
+            # often the largest part of a fork) overlaps with the child's first reply.
+            async def join() -> None:
+                if cg is not None:
+                    await anyio.to_thread.run_sync(_join, cg, pid)
+
+            reply = await _beside(join, child._recv_reply("fork"))  # its word: view set
             child._unpack(reply, "fork")
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
@@ -330,6 +330,33 @@ class Session:
         log.info("session_forked", branch=child_branch.name, parent=self._branch.name,
                  pid=pid)
         return child
+
+    async def _fork_round_trip(self, view: str) -> tuple[socket.socket, int]:
+        """Ask the interpreter to fork; the child's socket and its PID in the namespace."""
+        async with self._lock:
+            self._check_open()
+            await self._send(("fork", view))
+            try:
+                first = await self._receive_fd_or_byte()
+            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError) as exc:
+                raise await self._died("fork") from exc
+            if isinstance(first, bytes):  # no descriptor: an error reply
+                self._buf[:0] = first
+                self._refused(await self._recv_reply("fork"))
+            sock = socket.socket(fileno=first)
+            try:
+                reply = await self._recv_reply("fork")
+                return sock, int(self._unpack(reply, "fork"))
+            except BaseException:
+                sock.close()
+                raise
+
+    def _refused(self, reply: Any) -> NoReturn:
+        try:
+            self._unpack(reply, "fork")
+        except RuntimeError as exc:
+            raise SessionForkError(str(exc)) from None
+        raise SessionForkError(f"unexpected reply to fork: {reply!r}")
 
     async def close(self) -> None:
         """End the interpreter (and whatever it started). Idempotent."""
@@ -454,6 +481,32 @@ class Session:
         return ProcessKilled(
             f"the session's interpreter in branch {self._branch.name!r} died during {what}"
             f" (killed={killed!r}): {tail[-2000:]}")
+
+
+async def _beside(side: Callable[[], Awaitable[None]], main: Awaitable[T]) -> T:
+    """``await main`` while ``side()`` runs too; both finish. An error of either comes
+    out as itself (the first one; not in an ExceptionGroup)."""
+    errors: list[BaseException] = []
+    out: list[T] = []
+
+    async def run_side() -> None:
+        try:
+            await side()
+        except Exception as exc:
+            errors.append(exc)
+
+    async def run_main() -> None:
+        try:
+            out.append(await main)
+        except Exception as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_side)
+        await run_main()
+    if errors:
+        raise errors[0]
+    return out[0]
 
 
 def _kill(pid: int) -> None:

@@ -348,18 +348,32 @@ class WorkspaceBranch:
         raise BranchClosed(f"branch {self._name!r} was aborted while {fn!r} ran")
 
     async def session(self, *, limits: Limits | None = None,
-                      env: Mapping[str, str] | None = None) -> Session:
+                      env: Mapping[str, str] | None = None,
+                      fork_of: Session | None = None) -> Session:
         """A live, isolated Python interpreter in this branch; ``await session.fork()``
         forks it together with the branch. See :class:`~branchagent.Session`.
 
         It runs in this branch's sandbox (the branch at the workspace's path, private
         mount and PID namespaces, its own cgroups under ``limits``). It ends with
-        ``session.close()``, or when this branch is aborted or invalidated.
+        ``session.close()``, or when this branch is committed, aborted or invalidated.
+
+        ``fork_of``: a session of this branch's parent; the new session is a fork of it
+        (its memory, its limits) instead of a fresh interpreter. Use it when the child
+        branch already exists (a strategy forked it); else ``await fork_of.fork()``.
         """
         from ._session import start_session
 
         self._check_open()
-        return await start_session(self, limits=limits, env=env)
+        if fork_of is None:
+            return await start_session(self, limits=limits, env=env)
+        if limits is not None or env is not None:
+            raise ValueError("session(fork_of=...) takes the forked session's limits and "
+                             "environment; pass neither limits nor env")
+        if fork_of.branch is not self._parent:
+            raise ValueError(f"session(fork_of=...): that session is in branch "
+                             f"{fork_of.branch.name!r}, not in this branch's parent "
+                             f"({self._parent_name()!r})")
+        return await fork_of._fork_into(self)
 
     async def pause(self) -> None:
         """Freeze every process running in this branch (cgroup freezer, else SIGSTOP)."""
