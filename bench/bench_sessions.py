@@ -35,10 +35,12 @@ from typing import Any
 import anyio
 import structlog
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import machine_facts, machine_line, stats  # noqa: E402
+if __package__ in (None, ""):  # run as a script: make ``bench._util`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import branchagent as ba  # noqa: E402
+from bench._util import machine_facts, machine_line, stats
+
+import branchagent as ba
 
 #: Setup code: a table of rows (dicts), about ``mb`` MB of Python objects.
 SETUP = """
@@ -135,8 +137,8 @@ async def main(args: argparse.Namespace) -> None:
               f"{z['median_ms']:.0f} / {z['p95_ms']:.0f} ms | "
               f"{z['median_ms'] / f['median_ms']:.0f}x |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": facts, "backend": args.backend,
-                                               "results": results}, indent=2))
+        await anyio.Path(args.json).write_text(json.dumps(
+            {"machine": facts, "backend": args.backend, "results": results}, indent=2))
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import pytest
@@ -67,7 +67,8 @@ def step(op: str, records: list[tuple[list[str], int, list[Any]]]) -> ba.InSessi
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.parametrize("policy", ["best-first", "mcts"])
-async def test_tree_search_over_sessions(repo: Path, backend_name: str, policy: str) -> None:
+async def test_tree_search_over_sessions(repo: Path, backend_name: str,
+                                         policy: Literal["best-first", "mcts"]) -> None:
     records: list[tuple[list[str], int, list[Any]]] = []
     with anyio.fail_after(120):
         async with ba.open_workspace(repo, backend=backend_name) as ws:
@@ -77,7 +78,7 @@ async def test_tree_search_over_sessions(repo: Path, backend_name: str, policy: 
                 policy=policy, budget=12, max_depth=2,
             ).run(ws)
     assert len(records) == len(outcome.results) == 12
-    setups = {}
+    setups: dict[str, set[int]] = {}
     for history, setup_at, table in records:
         # Every node's memory is exactly its path's: its parent's table, one step on.
         assert table == local(history), history
