@@ -355,3 +355,17 @@ async def test_session_cannot_see_the_journal_or_base(repo: Path) -> None:
             "capture_output=True).returncode")
         assert out != 0
         assert await c.eval("open('README.md').read()") == "# demo\n"
+
+
+async def test_fork_depth_limit_is_a_clear_error(repo: Path) -> None:
+    async with workspace(repo, "copy") as ws:
+        b = await ws.fork()
+        s = await b.session()
+        await s.exec("x = 0")
+        with pytest.raises(ba.SessionForkError, match="at most 32"):
+            for _ in range(40):
+                s = await s.fork()
+                await s.exec("x += 1")
+        depth = await s.eval("x")
+        assert 25 <= depth <= 33, depth
+        assert s.branch.children == []  # the refused fork's branch was aborted

@@ -29,6 +29,7 @@ and the namespace ends when the last session of the tree has exited.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import pickle
 import socket
@@ -108,7 +109,14 @@ def enter_view(view: str, ws: str) -> None:
     """See ``view`` at ``ws`` from now on, in a mount namespace of our own."""
     cwd = os.getcwd()
     uid, gid = os.geteuid(), os.getegid()
-    _check(_libc.unshare(CLONE_NEWUSER | CLONE_NEWNS), "unshare(user, mount)")
+    if _libc.unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0:
+        err = ctypes.get_errno()
+        if err == errno.ENOSPC:  # user.max_user_namespaces, or the nesting limit
+            raise OSError(err, "unshare(user, mount): no user namespace left: Linux nests "
+                          "at most 32 (each fork of a session is one level deeper, so a "
+                          "session forks about 32 levels deep) and user.max_user_namespaces "
+                          "caps them all; fork a shallower session instead")
+        raise OSError(err, f"unshare(user, mount): {os.strerror(err)}")
     _write("/proc/self/setgroups", "deny")
     _write("/proc/self/uid_map", f"{uid} {uid} 1")
     _write("/proc/self/gid_map", f"{gid} {gid} 1")
