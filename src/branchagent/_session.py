@@ -73,19 +73,23 @@ log = get_logger("branchagent.session")
 _CHILD = os.fspath(Path(__file__).with_name("_sandbox") / "_session_child.py")
 _HEADER = struct.Struct(">Q")
 _START_TIMEOUT = 60.0
-#: The script between ``unshare`` and the interpreter: the branch over the workspace path,
-#: the state directory covered by a tmpfs that holds only ``views`` (the branches' views),
-#: the cgroup tree read-only, capabilities dropped.
-_SCRIPT = (
-    f'b="$1"; w="$2"; v="$3"; t="$4"; s="$5"; shift 5; mount --bind "$b" "$w" || {_FAIL}; '
-    f'mount -t tmpfs -o size=64k,mode=0755 tmpfs "$t" || {_FAIL}; '
-    f'mkdir "$t/views" || {_FAIL}; mount --rbind "$v" "$t/views" || {_FAIL}; '
-    f'mount --move "$t" "$s" || {_FAIL}; '
-)
 
 
-def _script(cgroup_ro: str) -> str:
-    return _SCRIPT + cgroup_ro + f'cd "$w" || {_FAIL}; ' + _DROP
+def _script(cgroup_ro: str, fd: int) -> str:
+    """The script between ``unshare`` and the interpreter: the branch over the workspace
+    path, the state directory covered by a tmpfs that holds only ``views`` (the
+    branches' views), the cgroup tree read-only, capabilities dropped. ``fd`` (one
+    digit, not the session's socket) holds the views while the state directory is
+    covered: their path is under it, and a bind from the descriptor still reaches them."""
+    return (
+        f'b="$1"; w="$2"; v="$3"; s="$4"; shift 4; mount --bind "$b" "$w" || {_FAIL}; '
+        f'exec {fd}<"$v" || {_FAIL}; '
+        f'mount -t tmpfs -o size=64k,mode=0755 tmpfs "$s" || {_FAIL}; '
+        f'mkdir "$s/views" || {_FAIL}; '
+        f'mount --no-canonicalize --rbind /proc/self/fd/{fd} "$s/views" || {_FAIL}; '
+        f'exec {fd}<&-; '
+        + cgroup_ro + f'cd "$w" || {_FAIL}; ' + _DROP
+    )
 
 
 def views_root(branch: WorkspaceBranch) -> Path:
@@ -534,7 +538,6 @@ async def start_session(branch: WorkspaceBranch, *, limits: Limits | None = None
     _view_in_sandbox(branch)  # (the backend says where its views are, or refuses)
     ws._scratch.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="session-", dir=ws._scratch))
-    (tmp / "t").mkdir()
     log_path = tmp / "log"
     tree_cg = await anyio.to_thread.run_sync(_cgroup.host().create, Limits())
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -543,10 +546,10 @@ async def start_session(branch: WorkspaceBranch, *, limits: Limits | None = None
         cmd: list[str] = [sys.executable, _CHILD, str(theirs.fileno()), os.fspath(ws.path)]
         if limits.memory is not None and _cgroup.host().mechanisms()["memory"] == "rlimit-as":
             cmd = ["prlimit", f"--as={limits.memory}", "--", *cmd]  # per process, inherited
-        script = _script(_CGROUP_RO_ROOT if os.geteuid() == 0 else _CGROUP_RO_USERNS)
+        script = _script(_CGROUP_RO_ROOT if os.geteuid() == 0 else _CGROUP_RO_USERNS,
+                         9 if theirs.fileno() != 9 else 8)
         cmd = [*_unshare_argv(network), "sh", "-c", script, "sh", os.fspath(branch.path),
-               os.fspath(ws.path), os.fspath(views), os.fspath(tmp / "t"),
-               os.fspath(ws.state_dir), *cmd]
+               os.fspath(ws.path), os.fspath(views), os.fspath(ws.state_dir), *cmd]
         if tree_cg is not None:
             cmd = tree_cg.wrap(cmd)
         full_env = dict(os.environ)
