@@ -376,3 +376,54 @@ async def test_fork_depth_limit_is_a_clear_error(repo: Path) -> None:
         depth = await s.eval("x")
         assert 25 <= depth <= 33, depth
         assert s.branch.children == []  # the refused fork's branch was aborted
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_busy_session_does_not_block_commit_or_abort(repo: Path) -> None:
+    """A session stuck in a loop (or ignoring signals) holds no lock the workspace needs:
+    the commit of its branch's sibling and the abort of its own branch return at once,
+    and the stuck request ends with an error."""
+    async with workspace(repo, "copy") as ws:
+        b = await ws.fork()
+        s = await b.session()
+        stuck = await s.fork()
+        winner = await s.fork()
+        await winner.exec("open('w.txt', 'w').write('w')")
+        errors: list[BaseException] = []
+
+        async def spin() -> None:
+            try:
+                await stuck.exec("import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                                 "while True:\n    pass")
+            except Exception as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(spin)
+            await anyio.sleep(0.3)
+            with anyio.fail_after(10):
+                await winner.branch.commit()  # invalidates the stuck sibling
+        assert len(errors) == 1
+        assert isinstance(errors[0], ba.SessionClosed | ba.BranchClosed), errors
+        assert stuck.closed
+        assert await gone(stuck.pid)
+        assert (b.path / "w.txt").read_text() == "w"
+        # The same for an abort of the busy session's own branch.
+        busy = await s.fork()
+        errors.clear()
+
+        async def loop() -> None:
+            try:
+                await busy.exec("while True:\n    pass")
+            except Exception as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(loop)
+            await anyio.sleep(0.3)
+            with anyio.fail_after(10):
+                await busy.branch.abort()
+        assert len(errors) == 1
+        assert isinstance(errors[0], ba.BranchClosed), errors
+        assert busy.closed
+        assert await s.eval("1 + 1") == 2
