@@ -411,6 +411,11 @@ class Session:
                 await self._stream.send(_HEADER.pack(len(blob)) + blob)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
                 raise await self._died(what) from exc
+            except BaseException:
+                # Cancelled mid-send: the stream is out of step; the session cannot go on.
+                with anyio.CancelScope(shield=True):
+                    await self._terminate(f"{what} was cancelled")
+                raise
             reply = await self._recv_reply(what)
         return self._unpack(reply, what)
 
