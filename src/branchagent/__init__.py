@@ -13,6 +13,7 @@ from ._events import Event, observe
 from ._limits import Limits
 from ._protocols import RunOptions
 from ._sandbox._run import RunResult
+from ._session import Session
 from ._workspace import Workspace, WorkspaceBranch, open_workspace
 from .exceptions import (
     ApplyError,
@@ -39,6 +40,9 @@ from .exceptions import (
     RemoteError,
     SandboxError,
     ServeError,
+    SessionClosed,
+    SessionError,
+    SessionForkError,
     SourceError,
     StrategyError,
     StrategyNotFound,
@@ -53,6 +57,7 @@ from .strategy import (
     Candidate,
     Command,
     Executor,
+    InSession,
     Isolated,
     LocalExecutor,
     Outcome,
@@ -141,6 +146,7 @@ __all__ = [
     "EntryType",
     "Event",
     "Executor",
+    "InSession",
     "InvalidBranchName",
     "InvalidCandidates",
     "InvalidLimits",
@@ -161,6 +167,10 @@ __all__ = [
     "RunResult",
     "SandboxError",
     "ServeError",
+    "Session",
+    "SessionClosed",
+    "SessionError",
+    "SessionForkError",
     "SourceError",
     "Speculate",
     "SpeculativeExecution",

@@ -68,6 +68,8 @@ from .exceptions import (
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
+    from ._session import Session
+
 __all__ = ["Workspace", "WorkspaceBranch", "open_workspace"]
 
 log = get_logger("branchagent")
@@ -112,6 +114,7 @@ class WorkspaceBranch:
         self._children: list[WorkspaceBranch] = []
         self._lock = RWLock()
         self._runs: set[anyio.CancelScope] = set()
+        self._sessions: set[Session] = set()  # live sessions seeing this branch
         self._active: dict[anyio.CancelScope, tuple[RunCgroup | None, int]] = {}
         self._disk: int | None = None  # its own disk limit (fork's, inherited, the workspace's)
         self._run_disks: list[int] = []  # Limits.disk of the runs in progress
@@ -344,6 +347,34 @@ class WorkspaceBranch:
             self._active.pop(scope, None)
         raise BranchClosed(f"branch {self._name!r} was aborted while {fn!r} ran")
 
+    async def session(self, *, limits: Limits | None = None,
+                      env: Mapping[str, str] | None = None,
+                      fork_of: Session | None = None) -> Session:
+        """A live, isolated Python interpreter in this branch; ``await session.fork()``
+        forks it together with the branch. See :class:`~branchagent.Session`.
+
+        It runs in this branch's sandbox (the branch at the workspace's path, private
+        mount and PID namespaces, its own cgroups under ``limits``). It ends with
+        ``session.close()``, or when this branch is committed, aborted or invalidated.
+
+        ``fork_of``: a session of this branch's parent; the new session is a fork of it
+        (its memory, its limits) instead of a fresh interpreter. Use it when the child
+        branch already exists (a strategy forked it); else ``await fork_of.fork()``.
+        """
+        from ._session import start_session
+
+        self._check_open()
+        if fork_of is None:
+            return await start_session(self, limits=limits, env=env)
+        if limits is not None or env is not None:
+            raise ValueError("session(fork_of=...) takes the forked session's limits and "
+                             "environment; pass neither limits nor env")
+        if fork_of.branch is not self._parent:
+            raise ValueError(f"session(fork_of=...): that session is in branch "
+                             f"{fork_of.branch.name!r}, not in this branch's parent "
+                             f"({self._parent_name()!r})")
+        return await fork_of._fork_into(self)
+
     async def pause(self) -> None:
         """Freeze every process running in this branch (cgroup freezer, else SIGSTOP)."""
         self._check_open()
@@ -404,6 +435,18 @@ async def _branch_cm(
             with anyio.CancelScope(shield=True):
                 await b.abort()
             raise
+
+
+async def _sessions_after_commit(b: WorkspaceBranch, losers: Sequence[WorkspaceBranch]) -> None:
+    """The sessions of the committed branch and of the branches it invalidated end with
+    their branches. (A session cannot follow its files into the parent: its view of the
+    branch is a bind mount on the branch's directory, which the backend removes, and
+    Linux detaches every mount stacked on a removed directory. See docs/sessions.md.)"""
+    for loser in losers:
+        for s in list(loser._sessions):
+            await s._terminate(f"branch {loser._name!r} was invalidated")
+    for s in list(b._sessions):
+        await s._terminate(f"branch {b._name!r} was committed")
 
 
 def _ancestors(b: WorkspaceBranch) -> Iterator[WorkspaceBranch]:
@@ -561,6 +604,7 @@ class Workspace:
                     for scope in loser._runs:
                         scope.cancel()
                 siblings[:] = [s for s in siblings if s is not b and s._state is BranchState.OPEN]
+                await _sessions_after_commit(b, losers)
                 await self._release(losers)
                 await self._persist()
         log.info("branch_committed", branch=b._name, parent=parent.name if parent else None,
@@ -599,6 +643,8 @@ class Workspace:
                     self._open.pop(v._name, None)
                     for scope in v._runs:
                         scope.cancel()
+                    for session in list(v._sessions):
+                        await session._terminate(f"branch {v._name!r} {why}")
             siblings = b._parent._children if b._parent is not None else self._top
             if b in siblings:
                 siblings.remove(b)

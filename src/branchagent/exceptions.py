@@ -28,7 +28,10 @@ naturally catch (``LookupError``, ``ValueError``, ``OSError``, ...), so
     │   ├── InvalidLimits                (ValueError)
     │   ├── IsolationUnavailable         (RuntimeError)
     │   ├── ProcessKilled                (ChildProcessError)
-    │   └── RemoteError
+    │   ├── RemoteError
+    │   └── SessionError
+    │       ├── SessionClosed            (RuntimeError)
+    │       └── SessionForkError         (RuntimeError)
     ├── StrategyError
     │   ├── StrategyNotFound             (LookupError)
     │   ├── InvalidCandidates            (ValueError)
@@ -89,6 +92,9 @@ __all__ = [
     "RemoteError",
     "SandboxError",
     "ServeError",
+    "SessionClosed",
+    "SessionError",
+    "SessionForkError",
     "SourceError",
     "StrategyError",
     "StrategyNotFound",
@@ -233,6 +239,20 @@ class RemoteError(SandboxError):
         super().__init__(f"{type_name}: {message}")
         self.type_name = type_name
         self.traceback = traceback
+
+
+class SessionError(SandboxError):
+    """A forkable Python session (``branch.session()``) could not do what was asked."""
+
+
+class SessionClosed(SessionError, RuntimeError):
+    """The session was closed, or ended with its branch; start another with
+    ``branch.session()``."""
+
+
+class SessionForkError(SessionError, RuntimeError):
+    """A session could not be forked (other threads, child processes or open files in
+    the interpreter: the message names them); nothing was changed."""
 
 
 # -- strategies --------------------------------------------------------------

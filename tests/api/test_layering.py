@@ -61,7 +61,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("backends", ("branchagent._backends",)),
     # What this host can do (FUSE, cgroups): the workspace asks it which backend to default to.
     ("doctor", ("branchagent._doctor",)),
-    ("workspace", ("branchagent._workspace",)),
+    # A session is a process in a branch, made and ended by the workspace.
+    ("workspace", ("branchagent._workspace", "branchagent._session")),
     ("strategy kit", ("branchagent.strategy",)),
     ("llm", ("branchagent.llm",)),
     ("built-in strategies", ("branchagent_strategies",)),

@@ -480,3 +480,60 @@ def test_fuse_backend_without_dev_fuse_access_says_so(user: User) -> None:
     assert out["used"] == "copy"
     assert out["committed"] == "ok"
     assert out["fallback_logged"] == ["copy"]
+
+
+_SESSION_BODY = """
+    from pathlib import Path
+    async with ba.open_workspace(ws_path, backend={backend!r}) as ws:
+        b = await ws.fork()
+        s = await b.session()
+        await s.exec("import os\\nstate = ['root']\\nopen('f.txt', 'w').write('parent\\\\n')")
+        c = await s.fork()
+        await c.exec("state.append('child')\\nopen('f.txt', 'w').write('child\\\\n')\\n"
+                     "open('made.txt', 'w').write('c\\\\n')")
+        g = await c.fork()
+        await g.exec("state.append('grandchild')")
+        seen = {{
+            "states": [await x.eval("state") for x in (s, c, g)],
+            "cwd": await c.eval("os.getcwd()"),
+            "uid_inside": await c.eval("os.geteuid()"),
+            "parent_f": await s.eval("open('f.txt').read()"),
+            "child_f": await c.eval("open('f.txt').read()"),
+            "grandchild_f": await g.eval("open('f.txt').read()"),
+            "base_f": Path(ws_path, "f.txt").read_text(),
+        }}
+        pids = [s.pid, c.pid, g.pid]
+        await c.branch.commit()
+        seen["closed"] = [s.closed, c.closed, g.closed]
+        await b.commit()
+    seen["alive"] = [os.path.exists(f"/proc/{{p}}") for p in pids]
+    seen["after_f"] = Path(ws_path, "f.txt").read_text()
+    seen["made_uid"] = Path(ws_path, "made.txt").stat().st_uid
+    return seen
+"""
+
+
+def _check_sessions(u: User, out: dict[str, Any]) -> None:
+    assert out["states"] == [["root"], ["root", "child"], ["root", "child", "grandchild"]]
+    assert out["cwd"] == str(u.home / "ws")  # the branch at the workspace's own path
+    assert out["uid_inside"] == 0  # root in its own user namespace, the user on disk
+    assert (out["parent_f"], out["child_f"]) == ("parent\n", "child\n")
+    assert out["grandchild_f"] == "child\n"
+    assert out["base_f"] == "base\n"
+    assert out["closed"] == [False, True, True]  # committed: c ends, g was invalidated
+    assert out["alive"] == [False, False, False]
+    assert out["after_f"] == "child\n"
+    assert out["made_uid"] == u.uid
+
+
+def test_sessions_fork_as_user_on_copy_backend(user: User) -> None:
+    """Rootless sessions: the session runs in the user's own user namespace, and each
+    fork makes a nested one to take its branch's view."""
+    _check_sessions(user, run_as(user, _SESSION_BODY.format(backend="copy")))
+
+
+@needs_fuse
+def test_sessions_fork_as_user_on_fuse_backend(user: User) -> None:
+    out = run_as(user, _SESSION_BODY.format(backend="fuse"), fuse="user",
+                 fuse_conf="# no user_allow_other\n")
+    _check_sessions(user, out)

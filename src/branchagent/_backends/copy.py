@@ -154,6 +154,11 @@ class CopyBackend:
     def _branch_dir(self, name: str) -> Path:
         return self._require()[1] / "copy" / "branches" / name
 
+    @property
+    def views_root(self) -> Path:
+        """The directory holding every branch's view (sessions bind views from here)."""
+        return self._require()[1] / "copy" / "branches"
+
     def path(self, name: str | None) -> Path:
         root, _ = self._require()
         if name is None:

@@ -15,6 +15,8 @@ A candidate is one of:
 - a :class:`Command`: success is exit status 0; a score may be written to
   the file named by ``$BRANCHAGENT_SCORE_FILE`` or to file descriptor 3;
 - an :class:`Isolated` callable, run in a sandboxed child process;
+- an :class:`InSession` callable, run on the live interpreter of its node (a fork
+  of its parent node's session: see the "Stateful agents" page);
 - a :class:`Strategy` instance, run on the candidate's branch: success is
   "it committed", the score is its winner's.
 
@@ -69,6 +71,7 @@ from ._candidates import (
     run_candidate,
 )
 from ._executor import Executor, LocalExecutor
+from ._in_session import InSession, node_session
 from ._registry import GROUP, available_strategies, get_strategy
 from ._root import check_max_parallel, check_timeout, deadline_after
 from ._values import (
@@ -97,6 +100,7 @@ __all__ = [
     "Candidate",
     "Command",
     "Executor",
+    "InSession",
     "Isolated",
     "LocalExecutor",
     "Outcome",
@@ -118,6 +122,7 @@ __all__ = [
     "get_logger",
     "get_strategy",
     "is_async_callable",
+    "node_session",
     "open_arena",
     "pick_best",
     "rank_key",

@@ -212,6 +212,11 @@ class FuseBackend:
         return self._mnt
 
     @property
+    def views_root(self) -> Path:
+        """The directory holding every branch's view (sessions bind views from here)."""
+        return self.mountpoint
+
+    @property
     def server_pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
