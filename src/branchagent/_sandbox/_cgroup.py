@@ -892,6 +892,10 @@ class RunCgroup:
 
     def kill(self, *, wait: float = 5.0) -> None:
         """SIGKILL every process in the cgroups, whatever it forked; wait until empty."""
+        if not self.pids():
+            # Empty: nothing inside is left to fork, and only a write to cgroup.procs from
+            # outside could add a process (the run's own process joined and has exited).
+            return
         deadline = time.monotonic() + wait
         if self.v2 is not None and self.v2_kill:
             try:

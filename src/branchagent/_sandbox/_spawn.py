@@ -270,10 +270,13 @@ class Child:
             os.close(fd)
 
 
-def _finish_cgroup(cg: _cgroup.RunCgroup) -> set[str]:
-    """The limits ``cg`` hit, read before it is removed (one worker-thread trip)."""
+def _finish_cgroup(cg: _cgroup.RunCgroup, *, kill: bool) -> set[str]:
+    """Kill what is left in ``cg`` (when ``kill``), then the limits it hit, read before it
+    is removed: one worker-thread trip."""
     hit = set()
     try:
+        if kill:
+            cg.kill()
         if cg.oom_killed():
             hit.add("memory")
         if cg.pids_limit_hit():
@@ -394,6 +397,7 @@ async def spawn(
         try:
             with anyio.move_on_after(deadline) as scope:
                 await proc.wait()
+            ended = time.monotonic()
             if scope.cancelled_caught:
                 killed = "timeout"
         except anyio.get_cancelled_exc_class():
@@ -403,7 +407,10 @@ async def spawn(
         with anyio.CancelScope(shield=True):
             if proc is not None:
                 _kill_group(proc.pid)
-            if cg is not None:
+            # The run's own process has exited (the common case): what it left in its
+            # cgroup is killed in the same trip that reads and removes the cgroup.
+            kill_later = cg is not None and proc is not None and proc.returncode is not None
+            if cg is not None and not kill_later:
                 await anyio.to_thread.run_sync(cg.kill)
             if proc is not None:
                 await proc.wait()
@@ -411,11 +418,14 @@ async def spawn(
             if on_cgroup is not None and proc is not None:
                 on_cgroup(None, 0)
             if cg is not None:
-                hit.update(await anyio.to_thread.run_sync(_finish_cgroup, cg))
+                hit.update(await anyio.to_thread.run_sync(
+                    functools.partial(_finish_cgroup, cg, kill=kill_later)))
     assert proc is not None
     if "memory" in hit and killed is None:
         killed = "memory"
-    duration = time.monotonic() - started
+    # The run's time: from the start to its process's exit (or the kill that ended it),
+    # not the cleanup after it.
+    duration = ended - started
     rc = proc.returncode if proc.returncode is not None else -signal.SIGKILL
     return SpawnOutcome(rc, killed, duration, isolate, frozenset(enforced),
                         frozenset(not_enforced), frozenset(hit))
