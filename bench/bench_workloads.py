@@ -1,7 +1,7 @@
 """Benchmark of real workloads run in a branch (issue 11): native, FUSE, copy, overlayfs.
 
     .venv/bin/python bench/bench_workloads.py [--quick] [--reps 3] [--only NAME[,NAME]]
-        [--modes native,fuse,copy,overlay] [--dir DIR] [--json out.json]
+        [--modes native,fuse,copy,overlay-backend,overlay] [--dir DIR] [--json out.json]
 
 Each workload is one shell command run with its working directory at the root of
 a prepared tree, in every mode, in the same run, interleaved per repetition (each
@@ -15,6 +15,8 @@ repetition runs every mode once, the order rotated by one per repetition):
   run by ``await branch.run(argv, isolate=True)`` (private mount and PID
   namespaces, the branch at the workspace's own path), then ``abort()``;
 - ``copy``: the same with ``backend="copy"``;
+- ``overlay-backend``: the same with ``backend="overlay"`` (branchagent's overlay
+  backend: each branch a kernel overlay mount; needs root);
 - ``overlay``: kernel overlayfs, the prepared tree as ``lowerdir`` and a fresh
   ``upperdir`` per repetition (mount(2), needs root), the command run natively
   in the merged directory.
@@ -89,7 +91,8 @@ from bench.bench_fuse import Overlay, fast_tree, overlay_ok
 import branchagent as ba
 
 Log = Callable[[str], None]
-MODES = ("native", "fuse", "copy", "overlay")
+MODES = ("native", "fuse", "copy", "overlay-backend", "overlay")
+BACKEND_OF = {"fuse": "fuse", "copy": "copy", "overlay-backend": "overlay"}
 MARK = "@@bench"
 #: Issue 11's targets.
 GEOMEAN_MAX, WORST_MAX, CREATE_MAX, GIT_STATUS_MAX = 1.3, 2.0, 3.0, 1.5
@@ -570,11 +573,11 @@ class Runner:
         modes = self.args.modes
         base = self.tmp / w.name
         data = base / "data"
-        tpls = {m: base / f"tree-{m}" for m in ("native", "fuse", "copy")}
+        tpls = {m: base / f"tree-{m}" for m in ("native", *BACKEND_OF)}
         t0 = time.monotonic()
         await anyio.to_thread.run_sync(w.prepare, tpls["native"], data, self.sizes)
         data.mkdir(parents=True, exist_ok=True)
-        for m in ("fuse", "copy"):
+        for m in BACKEND_OF:
             if m in modes:
                 await anyio.run_process(["cp", "-a", tpls["native"], tpls[m]])
         if w.git:  # every template's index matches its own files, as in a used checkout
@@ -588,10 +591,10 @@ class Runner:
         argv = ["sh", "-c", wrap(w.script(self.sizes), w.setup)]
         async with contextlib.AsyncExitStack() as stack:
             spaces: dict[str, ba.Workspace] = {}
-            for m in ("fuse", "copy"):
+            for m, backend in BACKEND_OF.items():
                 if m in modes:
                     spaces[m] = await stack.enter_async_context(
-                        ba.open_workspace(tpls[m], backend=m))
+                        ba.open_workspace(tpls[m], backend=backend))
             order = list(modes)
             warm = self.args.warmup
             for i in range(self.args.reps + warm):  # warm-ups fill the page cache, uncounted
@@ -637,9 +640,9 @@ class Runner:
 
 async def bench_main(args: argparse.Namespace, sizes: Sizes, tmp: Path, log: Log) -> Samples:
     (tmp / "scratch").mkdir()
-    if "overlay" in args.modes and not overlay_ok(tmp):
-        log("warning: kernel overlayfs cannot be mounted here (not root?); no overlay mode")
-        args.modes = [m for m in args.modes if m != "overlay"]
+    if {"overlay", "overlay-backend"} & set(args.modes) and not overlay_ok(tmp):
+        log("warning: kernel overlayfs cannot be mounted here (not root?); no overlay modes")
+        args.modes = [m for m in args.modes if m not in ("overlay", "overlay-backend")]
     r = Runner(args, sizes, tmp, log)
     for name in args.only:
         await r.workload(BY_NAME[name])
@@ -794,7 +797,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", type=_names, default=[w.name for w in WORKLOADS],
                    help=f"workloads, comma-separated (all: {','.join(BY_NAME)})")
     p.add_argument("--modes", type=_names, default=list(MODES),
-                   help="modes, comma-separated (native,fuse,copy,overlay); native is always run")
+                   help="modes, comma-separated (native,fuse,copy,overlay-backend,overlay); "
+                        "native is always run")
     p.add_argument("--no-fork", dest="fork", action="store_false",
                    help="leave out the fork-latency and commit measurements")
     p.add_argument("--dir", type=Path, default=None,

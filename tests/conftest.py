@@ -22,6 +22,13 @@ def backend_name(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.fixture(params=[b for b in BACKENDS if b != "overlay"])
+def forking_backend(request: pytest.FixtureRequest) -> str:
+    """The backends sessions fork on (overlay refuses: tests/sandbox/test_sessions.py
+    ``test_overlay_refuses_to_fork_a_session``)."""
+    return str(request.param)
+
+
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     """A small workspace: files, a nested dir, an empty dir, a symlink, an executable."""

@@ -235,7 +235,7 @@ def apply(
                 pass  # modes are set by _finish_dirs
             else:
                 if op.kind in (OpKind.REPLACE, OpKind.REMOVE):
-                    os.rename(dest, backup / str(i))
+                    _move(dest, backup / str(i))
                 if op.kind in (OpKind.ADD, OpKind.REPLACE):
                     _place(root, op, as_root=as_root)
             done_ops = i + 1
@@ -349,12 +349,43 @@ def _rollback(root: Path, txn: Path, ops: list[Op], *, upto: int | None = None) 
                     os.rmdir(dest)
                 except OSError:
                     os.makedirs(trash, exist_ok=True)
-                    os.rename(dest, trash / str(i))
+                    _move(dest, trash / str(i))
             else:
                 os.makedirs(trash, exist_ok=True)
-                os.rename(dest, trash / str(i))
+                _move(dest, trash / str(i))
         if _lexists(saved):
-            os.rename(saved, dest)
+            _move(saved, dest)
+
+
+def _move(src: Path, dst: Path) -> None:
+    """rename(2); across mounts (a commit into a branch mounted with overlayfs, whose
+    tree is not the journal's mount), a copy that appears at ``dst`` whole (made beside
+    it, then renamed), after which ``src`` is removed. A crash in between leaves ``src``
+    in place and ``dst`` either absent or whole, so a rollback redoes or finishes it."""
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    else:
+        return
+    part = dst.parent / f".{dst.name}.branchagent-part"
+    remove_tree(os.fspath(part))  # left by a crash in an earlier try
+    st = os.lstat(src)
+    if stat.S_ISDIR(st.st_mode):
+        shutil.copytree(src, part, symlinks=True)
+    elif stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(src), part)
+    elif stat.S_ISFIFO(st.st_mode):
+        os.mkfifo(part, stat.S_IMODE(st.st_mode))
+    else:
+        shutil.copy2(src, part, follow_symlinks=False)
+    if os.geteuid() == 0:
+        os.lchown(part, st.st_uid, st.st_gid)
+    if os.path.isdir(dst) and not os.path.islink(dst):
+        remove_tree(os.fspath(dst))  # a restore whose source removal a crash cut short
+    os.rename(part, dst)
+    remove_tree(os.fspath(src))
 
 
 def recover(journal_dir: Path) -> list[str]:

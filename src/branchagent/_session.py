@@ -103,6 +103,19 @@ def views_root(branch: WorkspaceBranch) -> Path:
     return root
 
 
+def _check_forkable(branch: WorkspaceBranch) -> None:
+    """A fork finds its child branch's view under the views a session saw when it
+    started: a backend that mounts each branch on its own (overlay) adds mounts the
+    session's private mount namespace never sees."""
+    backend = branch._ws._backend
+    if getattr(backend, "mount_per_branch", False):
+        raise SessionForkError(
+            f"sessions cannot fork on the {backend.name!r} backend yet: it mounts each "
+            "branch on its own, and a running session's private mount namespace does not "
+            "see mounts made after it started; use backend='fuse' or 'copy' for forking "
+            "sessions (a session that does not fork works on every backend)")
+
+
 def _view_in_sandbox(branch: WorkspaceBranch) -> str:
     rel = branch.path.relative_to(views_root(branch))
     return os.fspath(branch._ws.state_dir / "views" / rel)
@@ -280,6 +293,7 @@ class Session:
         """
         self._check_open()
         self._branch._check_open()
+        _check_forkable(self._branch)
         child_branch = await self._branch.fork(name)
         try:
             return await self._fork_into(child_branch)
@@ -289,6 +303,7 @@ class Session:
             raise
 
     async def _fork_into(self, child_branch: WorkspaceBranch) -> Session:
+        _check_forkable(child_branch)
         view = _view_in_sandbox(child_branch)
         made: list[_cgroup.RunCgroup | None] = []
 

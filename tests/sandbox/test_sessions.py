@@ -138,8 +138,8 @@ async def test_session_on_a_closed_branch_is_refused(repo: Path) -> None:
 # -- fork -----------------------------------------------------------------------------
 
 
-async def test_fork_copies_memory_and_isolates_both_ways(repo: Path, backend_name: str) -> None:
-    async with workspace(repo, backend_name) as ws:
+async def test_fork_copies_memory_and_isolates_both_ways(repo: Path, forking_backend: str) -> None:
+    async with workspace(repo, forking_backend) as ws:
         b = await ws.fork()
         s = await b.session()
         await s.exec("import os\nbig = list(range(100_000))\nstate = {'n': 1}\n"
@@ -171,8 +171,33 @@ async def test_fork_copies_memory_and_isolates_both_ways(repo: Path, backend_nam
     assert not (repo / "shared.txt").exists()
 
 
-async def test_commit_of_a_child_lands_its_files(repo: Path, backend_name: str) -> None:
-    async with workspace(repo, backend_name) as ws:
+async def test_overlay_refuses_to_fork_a_session(repo: Path) -> None:
+    """On the overlay backend a session works, and its fork is refused with a clear error
+    that changes nothing (no child branch, the session goes on)."""
+    from branchagent._backends.overlay import check_available
+    from branchagent.exceptions import BackendUnavailable
+
+    try:
+        check_available()
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    async with workspace(repo, "overlay") as ws:
+        b = await ws.fork()
+        s = await b.session()
+        await s.exec("x = 41\nopen('f.txt', 'w').write('in b')")
+        with pytest.raises(ba.SessionForkError, match="cannot fork on the 'overlay' backend"):
+            await s.fork()
+        assert ws.branches() == [b]
+        assert await s.eval("x + 1") == 42
+        assert (b.path / "f.txt").read_text() == "in b"
+        child = await b.fork()
+        with pytest.raises(ba.SessionForkError, match="backend='fuse' or 'copy'"):
+            await child.session(fork_of=s)
+        assert await s.eval("x") == 41
+
+
+async def test_commit_of_a_child_lands_its_files(repo: Path, forking_backend: str) -> None:
+    async with workspace(repo, forking_backend) as ws:
         b = await ws.fork()
         s = await b.session()
         await s.exec("x = 'root'")

@@ -67,11 +67,11 @@ def step(op: str, records: list[tuple[list[str], int, list[Any]]]) -> ba.InSessi
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.parametrize("policy", ["best-first", "mcts"])
-async def test_tree_search_over_sessions(repo: Path, backend_name: str,
+async def test_tree_search_over_sessions(repo: Path, forking_backend: str,
                                          policy: Literal["best-first", "mcts"]) -> None:
     records: list[tuple[list[str], int, list[Any]]] = []
     with anyio.fail_after(120):
-        async with ba.open_workspace(repo, backend=backend_name) as ws:
+        async with ba.open_workspace(repo, backend=forking_backend) as ws:
             outcome = await ba.TreeSearch(
                 [step(op, records) for op in OPS],
                 expand=lambda _b, _d: [step(op, records) for op in OPS],

@@ -83,9 +83,12 @@ def mutate(b: Path) -> None:
 class Trial:
     """One workspace whose branch ``b`` holds the changes, left open on disk."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, backend: str = "copy", nested: bool = False) -> None:
         self.repo = base / "repo"
         self.state_dir = base / "state"
+        self.backend = backend
+        #: Nested: ``b`` is a child of branch ``p`` and commits into it, not into the base.
+        self.nested = nested
         self.before: Tree = {}
         self.after: Tree = {}
 
@@ -94,14 +97,18 @@ class Trial:
         build_before(self.repo)
         self.before = tree_state(self.repo)
         async with self.open(keep_branches=True) as ws:
-            b = await ws.fork("b")
+            b = await (await ws.fork("p")).fork("b") if self.nested else await ws.fork("b")
             mutate(b.path)
             self.after = tree_state(b.path)
         assert self.before != self.after
 
     def open(self, *, keep_branches: bool = False) -> AbstractAsyncContextManager[ba.Workspace]:
-        return ba.open_workspace(self.repo, backend="copy", state_dir=self.state_dir,
+        return ba.open_workspace(self.repo, backend=self.backend, state_dir=self.state_dir,
                                  keep_branches=keep_branches)
+
+    def target(self, ws: ba.Workspace) -> Path:
+        """Where ``b`` commits: branch ``p``'s tree, or the base."""
+        return ws.get("p").path if self.nested else self.repo
 
     def journal_entries(self) -> list[str]:
         journal = self.state_dir / "journal"
@@ -111,7 +118,7 @@ class Trial:
 async def record_steps(trial: Trial, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     steps: list[str] = []
     monkeypatch.setattr(_journal, "FAULT_HOOK", steps.append)
-    async with trial.open() as ws:
+    async with trial.open(keep_branches=True) as ws:
         await ws.get("b").commit()
     monkeypatch.setattr(_journal, "FAULT_HOOK", None)
     return steps
@@ -123,7 +130,7 @@ _CRASH_SCRIPT = textwrap.dedent("""
     import branchagent as ba
     from branchagent import _journal
 
-    repo, state_dir, step = sys.argv[1:4]
+    repo, state_dir, step, backend = sys.argv[1:5]
 
     def hook(s):
         if s == step:
@@ -132,7 +139,7 @@ _CRASH_SCRIPT = textwrap.dedent("""
     _journal.FAULT_HOOK = hook
 
     async def main():
-        async with ba.open_workspace(repo, backend="copy", state_dir=state_dir) as ws:
+        async with ba.open_workspace(repo, backend=backend, state_dir=state_dir) as ws:
             await ws.get("b").commit()
         os._exit(3)  # the step never came
 
@@ -143,7 +150,7 @@ _CRASH_SCRIPT = textwrap.dedent("""
 async def crash_at(trial: Trial, step: str, script: Path) -> None:
     res = await anyio.run_process(
         [sys.executable, os.fspath(script), os.fspath(trial.repo), os.fspath(trial.state_dir),
-         step],
+         step, trial.backend],
         check=False,
     )
     assert res.returncode == 137, (step, res.returncode, res.stderr.decode())
@@ -163,14 +170,31 @@ async def test_commit_applies_every_kind_of_change(tmp_path: Path) -> None:
     assert trial.journal_entries() == []
 
 
+def _overlay_or_skip() -> None:
+    from branchagent._backends.overlay import check_available
+    from branchagent.exceptions import BackendUnavailable
+
+    try:
+        check_available()
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+
+
 @pytest.mark.anyio
+@pytest.mark.parametrize(("backend", "nested"), [("copy", False), ("copy", True),
+                                                 ("overlay", False), ("overlay", True)])
 async def test_crash_at_every_step_is_all_or_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str, nested: bool
 ) -> None:
-    probe = Trial(tmp_path / "probe")
+    """Also on the overlay backend, where a commit into a branch moves the parent's old
+    entries out of its mount into the journal by copy (another mount: no rename)."""
+    if backend == "overlay":
+        _overlay_or_skip()
+    probe = Trial(tmp_path / "probe", backend, nested)
     await probe.prepare()
     steps = await record_steps(probe, monkeypatch)
-    assert tree_state(probe.repo) == probe.after
+    async with probe.open(keep_branches=True) as ws:
+        assert tree_state(probe.target(ws)) == probe.after
     n_ops = len(steps) - 3
     assert steps == ["intent", *(f"op:{i}" for i in range(n_ops)), "done", "cleaned"]
     assert n_ops >= 15, steps
@@ -181,7 +205,7 @@ async def test_crash_at_every_step_is_all_or_nothing(
 
     async def one(i: int, step: str) -> None:
         async with limiter:
-            trial = Trial(tmp_path / f"t{i}")
+            trial = Trial(tmp_path / f"t{i}", backend, nested)
             await trial.prepare()
             await crash_at(trial, step, script)
             await check_recovered(trial, step)
@@ -195,19 +219,22 @@ async def check_recovered(trial: Trial, step: str) -> None:
     finished = step in ("done", "cleaned")
     async with trial.open() as ws:  # recovery runs here
         assert trial.journal_entries() == [], step
-        got = tree_state(trial.repo)
+        got = tree_state(trial.target(ws))
+        kept = ["p"] if trial.nested else []
+        if trial.nested:
+            assert tree_state(trial.repo) == trial.before, step
         if finished:
-            assert got == trial.after, f"crash at {step}: base is not the after-tree"
+            assert got == trial.after, f"crash at {step}: target is not the after-tree"
             # The committed branch's storage went with the commit: no phantom branch.
-            assert [b.name for b in ws.branches()] == [], step
+            assert [b.name for b in ws.branches()] == kept, step
             return
-        assert got == trial.before, f"crash at {step}: base is not the before-tree"
+        assert got == trial.before, f"crash at {step}: target is not the before-tree"
         # The branch survived with its changes intact and still commits.
-        (b,) = ws.branches()
-        assert b.name == "b"
+        assert [b.name for b in ws.branches()] == [*kept, "b"], step
+        b = ws.get("b")
         assert tree_state(b.path) == trial.after, step
         await b.commit()
-        assert tree_state(trial.repo) == trial.after, step
+        assert tree_state(trial.target(ws)) == trial.after, step
 
 
 @pytest.mark.anyio

@@ -520,7 +520,7 @@ _CRASHING_AGENT = textwrap.dedent("""
     import branchagent as ba
 
     async def main():
-        async with ba.open_workspace(sys.argv[1], backend="copy") as ws:
+        async with ba.open_workspace(sys.argv[1], backend=sys.argv[2]) as ws:
             top = await ws.fork("top")
             (top.path / "top.txt").write_text("from top\\n")
             (top.path / "README.md").write_text("# changed by top\\n")
@@ -535,16 +535,27 @@ _CRASHING_AGENT = textwrap.dedent("""
 """)
 
 
-async def test_branches_survive_a_crashed_agent(repo: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("crashed_on", ["copy", "overlay"])
+async def test_branches_survive_a_crashed_agent(repo: Path, tmp_path: Path,
+                                                crashed_on: str) -> None:
+    """Also on overlay, whose mounts outlive the crashed agent and are taken over."""
+    if crashed_on == "overlay":
+        from branchagent._backends.overlay import check_available
+        from branchagent.exceptions import BackendUnavailable
+
+        try:
+            check_available()
+        except BackendUnavailable as exc:
+            pytest.skip(str(exc))
     script = tmp_path / "agent.py"
     script.write_text(_CRASHING_AGENT)
     base_before = tree_state(repo)
-    res = await anyio.run_process([sys.executable, os.fspath(script), os.fspath(repo)],
-                                  check=False)
+    res = await anyio.run_process([sys.executable, os.fspath(script), os.fspath(repo),
+                                   crashed_on], check=False)
     assert res.returncode == 1, res.stderr.decode()
     assert res.stdout.decode().splitlines()[-1] == "forked"
     assert tree_state(repo) == base_before
-    async with ba.open_workspace(repo, backend="copy") as ws:
+    async with ba.open_workspace(repo, backend=crashed_on) as ws:
         branches = ws.branches()
         assert [b.name for b in branches] == ["top", "nested"]
         top, nested = branches

@@ -18,7 +18,6 @@ _INSTALL_HINTS = {
     "fuse": "the FUSE backend needs pyfuse3 (pip install 'branchagent[fuse]', which builds "
     "against libfuse3: apt-get install fuse3 libfuse3-dev pkg-config); backend='copy' "
     "works anywhere",
-    "overlay": "the overlay backend is not built yet in this version; use backend='copy'",
 }
 
 

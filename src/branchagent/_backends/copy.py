@@ -234,12 +234,18 @@ class CopyBackend:
         tree = self.path(name)
         paths = plan_merge(name, snapshot, ours, theirs)
         ops = _journal.build_plan(paths, theirs, ours, lambda p: tree / p)
-        _journal.apply(self.path(parent), state / "journal", ops, release=[self._branch_dir(name)])
+        _journal.apply(self.path(parent), state / "journal", ops,
+                       release=self._released_by_commit(name))
         # The parent's hash cache stays valid: every file the commit placed has a new
         # (inode, size, mtime, ctime) key, so the next scan rehashes exactly those.
         changes = to_changes(snapshot, ours)
         self._release(name)
         return changes
+
+    def _released_by_commit(self, name: str) -> list[Path]:
+        """What the journal removes once a commit of ``name`` is done (also when it is
+        finished by recovery after a crash): then the branch is gone for good."""
+        return [self._branch_dir(name)]
 
     async def commit(self, name: str) -> list[Change]:
         return await anyio.to_thread.run_sync(self._commit_sync, name)
