@@ -17,9 +17,21 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+def _usable(name: str) -> str:
+    """``name``, or a skip naming what this host lacks for it (overlay: root, overlayfs)."""
+    if name == "overlay":
+        from branchagent._backends.overlay import check_available
+
+        try:
+            check_available()
+        except ba.BackendUnavailable as exc:
+            pytest.skip(str(exc))
+    return name
+
+
 @pytest.fixture(params=BACKENDS)
 def backend_name(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+    return _usable(str(request.param))
 
 
 @pytest.fixture(params=[b for b in BACKENDS if b != "overlay"])

@@ -1004,6 +1004,9 @@ async def open_workspace(
         raise BackendNotFound(f"backend must be a name or a Backend instance, not {backend!r}")
     if disk is not None and be.disk_limits is None:
         raise _no_disk_limits(be, f"open_workspace(disk_limit={disk_limit!r})")
+    precheck = getattr(be, "check_available", None)
+    if callable(precheck):  # what the host lacks, said before anything is created
+        await anyio.to_thread.run_sync(precheck)
     await anyio.to_thread.run_sync(lambda: (sdir / "runs").mkdir(parents=True, exist_ok=True))
     ws = Workspace(root, sdir, be, disk_limit=disk)
     ws._lock_state(opened_at)

@@ -32,10 +32,10 @@ def test_version_flag_and_python_dash_m(tmp_path: Path) -> None:
 
 
 def test_unknown_backend_is_refused_naming_the_registered_ones(tmp_path: Path) -> None:
-    proc = _run([sys.executable, "-m", "branchagent", "--backend", "overlay", "status"], tmp_path)
+    proc = _run([sys.executable, "-m", "branchagent", "--backend", "zfs", "status"], tmp_path)
     assert proc.returncode == 2
-    assert "--backend overlay: no such backend" in proc.stderr
-    assert "copy, fuse" in proc.stderr
+    assert "--backend zfs: no such backend" in proc.stderr
+    assert "copy, fuse, overlay" in proc.stderr
     assert proc.stdout == ""
     assert not list(tmp_path.iterdir()), "a refused command must change nothing"
 

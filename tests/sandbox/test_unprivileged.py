@@ -287,6 +287,21 @@ def test_copy_backend_fork_write_commit(user: User) -> None:
     assert out["entries"] == ["f.txt", "new.txt"]
 
 
+def test_overlay_backend_as_user_says_it_needs_root(user: User) -> None:
+    out = run_as(user, """
+        try:
+            async with ba.open_workspace(ws_path, backend="overlay"):
+                return {"opened": True}
+        except ba.BackendUnavailable as exc:
+            return {"opened": False, "error": str(exc),
+                    "entries": sorted(os.listdir(os.path.dirname(ws_path)))}
+    """)
+    assert out["opened"] is False
+    assert "needs root" in out["error"]
+    assert "backend='fuse'" in out["error"]
+    assert ".ws.branchagent" not in out["entries"], "a refused open must change nothing"
+
+
 def test_isolated_run_on_copy_backend(user: User) -> None:
     out = run_as(user, """
         from pathlib import Path

@@ -214,6 +214,12 @@ class OverlayBackend(CopyBackend):
         super().__init__()
         self._lowers: dict[str, list[Path]] = {}
 
+    @staticmethod
+    def check_available() -> None:
+        """What this host lacks for the backend (root, overlayfs), as BackendUnavailable;
+        ``open_workspace`` asks before it creates anything."""
+        check_available()
+
     # -- layout ----------------------------------------------------------------------------
 
     def _top(self) -> Path:
