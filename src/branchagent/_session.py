@@ -23,8 +23,10 @@ import pickle
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -71,6 +73,8 @@ T = TypeVar("T")
 log = get_logger("branchagent.session")
 
 _CHILD = os.fspath(Path(__file__).with_name("_sandbox") / "_session_child.py")
+_REHOME = os.fspath(Path(__file__).with_name("_sandbox") / "_rehome.py")
+_REHOME_TIMEOUT = 10.0
 _HEADER = struct.Struct(">Q")
 _START_TIMEOUT = 60.0
 
@@ -221,9 +225,10 @@ class Session:
     Requests run one at a time, in the order they come. ``exec``, ``eval`` and
     ``call`` return pickled values (cloudpickle) and raise what the code raised,
     with the same mapping as :meth:`Branch.call`. A session ends with
-    :meth:`close`, or when its branch is committed, aborted or invalidated
-    (the files of a committed branch live on in its parent; its interpreter
-    does not: see ``docs/sessions.md``).
+    :meth:`close`, or when its branch is aborted or invalidated. When its branch is
+    committed, it goes on in the branch's parent (:attr:`branch` changes; a top-level
+    branch's session goes on in a new top-level branch that sees the base as just
+    committed): see ``docs/sessions.md``.
     """
 
     def __init__(self, branch: WorkspaceBranch, tree: _Tree, stream: anyio.abc.SocketStream,
@@ -240,12 +245,16 @@ class Session:
         self._closed: str | None = None
         self._cleaned = False
         self._node = False  # the node session of its branch (strategy.InSession)
+        self._cwd_pending: str | None = None  # moved: where to chdir before the next request
+        self.moves = 0  #: how many commits this session has followed into a parent
+        self._forked = False  # made by fork(): its namespace holds its parent's view, locked
         tree.sessions.add(self)
         branch._sessions.add(self)
 
     @property
     def branch(self) -> WorkspaceBranch:
-        """The branch this session sees at the workspace's path."""
+        """The branch this session sees at the workspace's path (after a commit of it,
+        the branch it moved into)."""
         return self._branch
 
     @property
@@ -330,6 +339,7 @@ class Session:
                     await anyio.to_thread.run_sync(cg.remove)
             raise
         child = Session(child_branch, self._tree, stream, pid, ns_pid, cg, self._limits)
+        child._forked = True
         try:
             # Moving it into its cgroups (a cgroup migration waits for an RCU grace period,
             # often the largest part of a fork) overlaps with the child's first reply.
@@ -354,6 +364,7 @@ class Session:
         """Ask the interpreter to fork; the child's socket and its PID in the namespace."""
         async with self._lock:
             self._check_open()
+            await self._chdir_if_moved()
             await self._send(("fork", view))
             try:
                 first = await self._receive_fd_or_byte()
@@ -390,6 +401,64 @@ class Session:
 
     # -- the workspace's side -----------------------------------------------------------
 
+    async def _move(self, target: WorkspaceBranch) -> None:
+        """Follow this session's committed branch into ``target`` (its parent, or a new
+        top-level branch): ``target``'s view replaces the committed one at the workspace
+        path in the session's mount namespace, by a helper that enters the session's
+        user and mount namespaces (:mod:`._sandbox._rehome`). The interpreter goes back
+        to its working directory before its next request. Shielded; on failure the
+        session ends (the commit stands), logged with the reason."""
+        if self._cleaned:
+            return
+        old = self._branch
+        started = time.perf_counter()
+        with anyio.CancelScope(shield=True):
+            if self._forked and self.moves:
+                # Its view now sits on the view of the branch it moved into, which this
+                # commit removed; under that lies its parent session's view, which it
+                # cannot unmount (see docs/sessions.md, "A forked session follows one
+                # commit").
+                why = ("a forked session follows one commit (its own branch's, into the "
+                       "branch it was forked from); this was its second: its mount "
+                       "namespace holds its parent session's view of the committed branch, "
+                       "locked (Linux lets no one unmount a mount inherited into a nested "
+                       "user namespace)")
+                log.warning("session_move_failed", branch=old.name, into=target.name,
+                            pid=self.pid, error=why)
+                await self._terminate(f"branch {old.name!r} was committed and the session "
+                                      f"could not move into {target.name!r}: {why}")
+                return
+            try:
+                view = _view_in_sandbox(target)
+                res = await anyio.to_thread.run_sync(_run_rehome, [
+                    sys.executable, "-I", "-S", _REHOME, str(self.pid), view,
+                    os.fspath(old._ws.path)])
+            except (OSError, SandboxError, subprocess.SubprocessError) as exc:
+                res = subprocess.CompletedProcess([], 1, "", str(exc))
+            if res.returncode != 0 or self._cleaned:
+                why = (res.stderr.strip()[-1000:] or f"exit status {res.returncode}")
+                log.warning("session_move_failed", branch=old.name, into=target.name,
+                            pid=self.pid, error=why)
+                await self._terminate(f"branch {old.name!r} was committed and the session "
+                                      f"could not move into {target.name!r}: {why}")
+                return
+            how, _, cwd = res.stdout.partition("\n")
+            old._sessions.discard(self)
+            self._branch = target
+            target._sessions.add(self)
+            self._cwd_pending = cwd.strip() or os.fspath(old._ws.path)
+            self.moves += 1
+        log.info("session_moved", branch=old.name, into=target.name, pid=self.pid, how=how,
+                 duration_ms=round((time.perf_counter() - started) * 1e3, 3))
+
+    async def _chdir_if_moved(self) -> None:
+        """After a move, the interpreter's working directory again (called holding the
+        lock, before a request)."""
+        cwd, self._cwd_pending = self._cwd_pending, None
+        if cwd is not None:
+            await self._send(("chdir", cwd))
+            self._unpack(await self._recv_reply("chdir"), "chdir")
+
     async def _terminate(self, why: str) -> None:
         """Kill the interpreter and its processes, free its cgroups. Idempotent, shielded."""
         if self._closed is None:
@@ -422,6 +491,7 @@ class Session:
             raise SandboxError(f"cannot send {what} to the session: {exc}") from exc
         async with self._lock:
             self._check_open()
+            await self._chdir_if_moved()
             try:
                 await self._stream.send(_HEADER.pack(len(blob)) + blob)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
@@ -531,6 +601,12 @@ async def _beside(side: Callable[[], Awaitable[None]], main: Awaitable[T]) -> T:
     if errors:
         raise errors[0]
     return out[0]
+
+
+def _run_rehome(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """The helper, started with Popen (vfork: cheap from a large agent), awaited here."""
+    return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          cwd="/", timeout=_REHOME_TIMEOUT, check=False)
 
 
 def _kill(pid: int) -> None:

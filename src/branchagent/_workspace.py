@@ -438,15 +438,29 @@ async def _branch_cm(
 
 
 async def _sessions_after_commit(b: WorkspaceBranch, losers: Sequence[WorkspaceBranch]) -> None:
-    """The sessions of the committed branch and of the branches it invalidated end with
-    their branches. (A session cannot follow its files into the parent: its view of the
-    branch is a bind mount on the branch's directory, which the backend removes, and
-    Linux detaches every mount stacked on a removed directory. See docs/sessions.md.)"""
+    """The sessions of the branches the commit of ``b`` invalidated end with them; those of
+    ``b`` follow its files into its parent (a top-level branch's, into a new top-level
+    branch that sees the base as just committed: the base itself is written only by
+    commits). Called holding the parent's tree lock, after the commit's point of no
+    return: a session that cannot move ends, and the commit stands."""
     for loser in losers:
         for s in list(loser._sessions):
             await s._terminate(f"branch {loser._name!r} was invalidated")
-    for s in list(b._sessions):
-        await s._terminate(f"branch {b._name!r} was committed")
+    movers = [s for s in b._sessions if not s.closed]
+    if not movers:
+        return
+    target = b._parent
+    if target is None:
+        try:
+            target = await b._ws._fork_held()
+        except Exception as exc:
+            log.warning("session_move_failed", branch=b._name, into=None, error=str(exc))
+            for s in movers:
+                await s._terminate(f"branch {b._name!r} was committed and no branch could be "
+                                   f"made for its session in the base: {exc}")
+            return
+    for s in movers:
+        await s._move(target)
 
 
 def _ancestors(b: WorkspaceBranch) -> Iterator[WorkspaceBranch]:
@@ -573,6 +587,30 @@ class Workspace:
                  depth=b.depth, duration_ms=round((time.perf_counter() - started) * 1e3, 3))
         emit("branch_forked", branch=name, parent=parent.name if parent else None,
              depth=b.depth)
+        return b
+
+    async def _fork_held(self) -> WorkspaceBranch:
+        """A new top-level branch, made while the caller holds the base's tree lock
+        exclusively (a commit into the base whose branch had sessions: they move here)."""
+        async with self._lock:
+            name = self._new_name()
+            b = WorkspaceBranch(self, name, None, Path())
+            self._open[name] = b
+        try:
+            b._path = await self._backend.create(name, None)
+            b._disk = self.disk_limit
+            if b._disk is not None:
+                await b._send_disk_limit()
+        except BaseException:
+            self._open.pop(name, None)
+            if self._backend.exists(name):
+                with anyio.CancelScope(shield=True):
+                    with contextlib.suppress(Exception):
+                        await self._backend.abort(name)
+            raise
+        self._top.append(b)
+        log.info("branch_forked", branch=name, parent=None, depth=0, why="session moved")
+        emit("branch_forked", branch=name, parent=None, depth=0)
         return b
 
     async def _commit(self, b: WorkspaceBranch) -> None:

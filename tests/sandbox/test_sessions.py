@@ -200,32 +200,135 @@ async def test_commit_of_a_child_lands_its_files(repo: Path, forking_backend: st
     async with workspace(repo, forking_backend) as ws:
         b = await ws.fork()
         s = await b.session()
-        await s.exec("x = 'root'")
+        await s.exec("x = 'root'\nopen('parent.txt', 'w').write('p')")
         c1 = await s.fork()
         c2 = await s.fork()
         await c1.exec("x = 'one'\nopen('one.txt', 'w').write('1')")
-        await c2.exec("x = 'two'\nopen('two.txt', 'w').write('2')")
+        await c2.exec("import os\nx = 'two'\nopen('two.txt', 'w').write('2')\n"
+                      "os.makedirs('sub', exist_ok=True)\nos.chdir('sub')\n"
+                      "open('in_sub.txt', 'w').write('s')")
+        c2_branch = c2.branch
         await c2.branch.commit()
-        # The winner's files are in the parent; the sessions of the committed branch and
-        # of the invalidated sibling end with them; the parent's session goes on.
+        # The winner's files are in the parent; the invalidated sibling's session ends
+        # with it; the winner's session goes on in the parent, its memory intact; the
+        # parent's own session goes on.
         assert (b.path / "two.txt").read_text() == "2"
         assert not (b.path / "one.txt").exists()
         assert c1.closed
-        assert c2.closed
-        assert not s.closed
         assert await gone(c1.pid)
-        assert await gone(c2.pid)
         with pytest.raises(ba.SessionClosed, match="invalidated"):
             await c1.eval("x")
-        with pytest.raises(ba.SessionClosed, match="committed"):
-            await c2.eval("x")
+        assert not c2.closed
+        assert c2.branch is b
+        assert c2_branch.state is ba.BranchState.COMMITTED
+        assert c2.moves == 1
+        assert c2 in b._sessions
+        assert await c2.eval("x") == "two"
+        # Its working directory (a subdirectory it made) re-resolved in the parent:
+        assert await c2.eval("os.getcwd()") == str(repo / "sub")
+        assert await c2.eval("open('in_sub.txt').read()") == "s"
+        assert await c2.eval(f"open({str(repo / 'two.txt')!r}).read()") == "2"
+        assert await c2.eval("open('../parent.txt').read()") == "p"  # the parent's own
+        # What it writes now lands in the parent branch, seen by the parent's session.
+        await c2.exec("open('../after.txt', 'w').write('a')")
+        assert (b.path / "after.txt").read_text() == "a"
+        assert await s.eval("open('after.txt').read()") == "a"
+        await s.exec("open('from_s.txt', 'w').write('s')")
+        assert await c2.eval("open('../from_s.txt').read()") == "s"
         assert await s.eval("x") == "root"
         assert await s.eval("open('two.txt').read()") == "2"
-        # Committing into the base ends the session; the files land in the base.
+        # It can fork again from there: a child of b.
+        g = await c2.fork()
+        assert g.branch.parent is b
+        assert await g.eval("x") == "two"
+        await g.close()
+        # Committing into the base: b's own session moves to a new top-level branch that
+        # sees the base as just committed (the base itself changes only by commits). The
+        # fork that moved into b already follows no second commit: it ends, saying why.
         await b.commit()
-        assert s.closed
+        assert not s.closed
+        assert c2.closed
+        with pytest.raises(ba.SessionClosed, match="follows one commit"):
+            await c2.eval("x")
+        top = s.branch
+        assert top.parent is None and top.state is ba.BranchState.OPEN
+        assert top in ws.branches()
+        assert (repo / "after.txt").read_text() == "a"
+        assert await s.eval("x") == "root"
+        assert await s.eval("open('two.txt').read() + open('after.txt').read()") == "2a"
+        await s.exec("open('later.txt', 'w').write('l')")
+        assert not (repo / "later.txt").exists()
+        await top.commit()  # and again: a session that was never forked follows every commit
+        assert (repo / "later.txt").read_text() == "l"
+        assert await s.eval("x") == "root"
+        assert s.moves == 2
+        assert s.branch.parent is None and s.branch is not top
     assert (repo / "two.txt").read_text() == "2"
     assert not (repo / "one.txt").exists()
+
+
+async def test_nested_commit_depth_three(repo: Path, backend_name: str) -> None:
+    """A fork three levels deep committed into its parent (depth 2), then that one into
+    its parent: the session follows each time, its memory intact."""
+    async with workspace(repo, backend_name) as ws:
+        b = await ws.fork()
+        s = await b.session()
+        await s.exec("path = ['b']")
+        c = await s.fork()
+        await c.exec("path.append('c')\nopen('c.txt', 'w').write('c')")
+        d = await c.fork()
+        await d.exec("path.append('d')\nopen('d.txt', 'w').write('d')")
+        e = await d.fork()
+        await e.exec("path.append('e')\nopen('e.txt', 'w').write('e')")
+        assert e.branch.depth == 3
+        d_branch = d.branch
+        await e.branch.commit()
+        assert e.branch is d_branch and not d.closed
+        assert await e.eval("path") == ["b", "c", "d", "e"]
+        assert await e.eval("[open(f).read() for f in ('c.txt', 'd.txt', 'e.txt')]") == \
+            ["c", "d", "e"]
+        assert await d.eval("open('e.txt').read()") == "e"  # the parent's session sees it
+        await e.exec("open('e2.txt', 'w').write('2')")  # now into d's branch
+        assert await d.eval("open('e2.txt').read()") == "2"
+        await d_branch.commit()
+        # d's own session follows into c; e, a fork that already followed one commit,
+        # ends with the reason; the commit stands.
+        assert d.branch is c.branch and not d.closed
+        assert e.closed
+        assert await gone(e.pid)
+        assert await d.eval("path") == ["b", "c", "d"]
+        assert await d.eval("open('e.txt').read() + open('e2.txt').read()") == "e2"
+        assert await c.eval("open('e.txt').read() + open('d.txt').read()") == "ed"
+        await d.exec("open('d2.txt', 'w').write('2')")
+        assert await c.eval("open('d2.txt').read()") == "2"
+        assert not (b.path / "d2.txt").exists()
+        assert await s.eval("path") == ["b"]
+
+
+async def test_a_dead_session_does_not_stop_the_commit(repo: Path, backend_name: str) -> None:
+    """The interpreter died before its branch's commit: the commit stands; the session
+    is closed with the reason, logged."""
+    from structlog.testing import capture_logs
+
+    async with workspace(repo, backend_name) as ws:
+        b = await ws.fork()
+        s = await b.session()
+        c = await s.fork()
+        await c.exec("open('kept.txt', 'w').write('k')")
+        import os
+        import signal
+        os.kill(c.pid, signal.SIGKILL)
+        assert await gone(c.pid)
+        with capture_logs() as logs:
+            await c.branch.commit()
+        assert (b.path / "kept.txt").read_text() == "k"
+        assert c.closed
+        failed = [e for e in logs if e["event"] == "session_move_failed"]
+        assert len(failed) == 1 and failed[0]["into"] == b.name
+        with pytest.raises(ba.SessionClosed, match="could not move"):
+            await c.eval("1")
+        assert await s.eval("open('kept.txt').read()") == "k"
+        assert b._sessions == {s}
 
 
 async def test_abort_kills_the_session_and_its_forks(repo: Path) -> None:

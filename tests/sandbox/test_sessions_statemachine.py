@@ -1,6 +1,8 @@
 """Random exec / fork / commit / abort / close sequences on real sessions, against a model.
 
-The model holds each session's variables and each branch's files. After every step,
+The model holds each session's variables and branch and each branch's files (a commit
+moves the committed branch's sessions into its parent: a session started fresh
+always, a fork once). After every step,
 each live session's variables and each open branch's files (read from disk) must
 match it, each session the model says ended must be closed with its process gone,
 and when the workspace closes no session process is left. The workspace runs on an
@@ -57,6 +59,14 @@ class MSession:
     branch: MBranch
     vars: dict[str, int]
     open: bool = True
+    forked: bool = False
+    moves: int = 0
+
+    @property
+    def follows(self) -> bool:
+        """Whether it follows its branch's next commit into the parent: a session
+        started fresh always, a fork only once."""
+        return not self.forked or self.moves == 0
 
 
 def _alive(pid: int) -> bool:
@@ -122,7 +132,7 @@ class SessionMachine(RuleBasedStateMachine):
         child = self.call(s.real.fork)
         b = MBranch(child.branch, s.branch, dict(s.branch.files), dict(s.branch.files))
         s.branch.children.append(b)
-        self.sessions.append(MSession(child, b, dict(s.vars)))
+        self.sessions.append(MSession(child, b, dict(s.vars), forked=True))
 
     @precondition(lambda self: any(s.branch is not self.root for s in self.live()))
     @rule(i=st.integers(0, 63))
@@ -144,6 +154,10 @@ class SessionMachine(RuleBasedStateMachine):
             if sib is not b and sib.open:
                 gone.extend(sib.subtree())
         p.children = [c for c in p.children if c is not b and c.open and c not in gone]
+        for m in self.live():  # the committed branch's sessions follow it into the parent
+            if m.branch is b and m.follows:
+                m.branch = p
+                m.moves += 1
         self._close_branches(gone)
 
     @precondition(lambda self: any(s.branch is not self.root for s in self.live()))
@@ -181,6 +195,12 @@ class SessionMachine(RuleBasedStateMachine):
                 f = b.real.path / f"{key}.txt"
                 got = f.read_text() if f.exists() else None
                 assert got == b.files.get(key), (b.real, key, got, b.files)
+
+    @invariant()
+    def sessions_are_in_their_branches(self) -> None:
+        for s in self.live():
+            assert s.real.branch is s.branch.real, (s.real, s.branch.real)
+            assert s.real.moves == s.moves
 
     @invariant()
     def ended_sessions_are_gone(self) -> None:

@@ -520,7 +520,16 @@ _SESSION_BODY = """
         pids = [s.pid, c.pid, g.pid]
         await c.branch.commit()
         seen["closed"] = [s.closed, c.closed, g.closed]
+        # c followed its files into b: its memory, b's files, its writes into b
+        seen["moved"] = [c.branch is b, await c.eval("state"), await c.eval("os.getcwd()"),
+                         await c.eval("open('made.txt').read()")]
+        await c.exec("open('after.txt', 'w').write('a\\\\n')")
+        seen["after_in_b"] = await s.eval("open('after.txt').read()")
         await b.commit()
+        seen["closed2"] = [s.closed, c.closed]
+        seen["s_after"] = [s.branch.parent is None, await s.eval("state"),
+                           await s.eval("open('after.txt').read()")]
+        await s.close()
     seen["alive"] = [os.path.exists(f"/proc/{{p}}") for p in pids]
     seen["after_f"] = Path(ws_path, "f.txt").read_text()
     seen["made_uid"] = Path(ws_path, "made.txt").stat().st_uid
@@ -535,7 +544,14 @@ def _check_sessions(u: User, out: dict[str, Any]) -> None:
     assert (out["parent_f"], out["child_f"]) == ("parent\n", "child\n")
     assert out["grandchild_f"] == "child\n"
     assert out["base_f"] == "base\n"
-    assert out["closed"] == [False, True, True]  # committed: c ends, g was invalidated
+    # committed: c follows into b, g (c's child) was invalidated
+    assert out["closed"] == [False, False, True]
+    assert out["moved"] == [True, ["root", "child"], str(u.home / "ws"), "c\n"]
+    assert out["after_in_b"] == "a\n"
+    # b committed into the base: s moves to a new top-level branch; c, a fork that
+    # followed one commit already, ends
+    assert out["closed2"] == [False, True]
+    assert out["s_after"] == [True, ["root"], "a\n"]
     assert out["alive"] == [False, False, False]
     assert out["after_f"] == "child\n"
     assert out["made_uid"] == u.uid

@@ -9,6 +9,9 @@ a pickle (see :func:`send` / :func:`recv`)::
     ("eval", expr)          -> ("ok", value)
     ("call", fn, args, kw)  -> ("ok", fn(*args, **kw))
     ("fork", view)          -> the child's socket end (SCM_RIGHTS) + ("ok", child_ns_pid)
+    ("chdir", path)         -> ("ok", the directory now current): after the session moved
+                               to its committed branch's parent, ``path`` again (WS_PATH
+                               if it is gone there)
     ("close",)              -> ("ok", None), then exit
 
 Errors come back as ``("err", exc, traceback)`` or ``("err_raw", type, msg, tb)``
@@ -227,6 +230,12 @@ def _handle(req: tuple[Any, ...], sock: socket.socket, ws: str, ns: dict[str, An
         return req[1](*req[2], **req[3])
     if op == "fork":
         return _fork(sock, ws, ns, forks, req[1])
+    if op == "chdir":
+        try:
+            os.chdir(req[1])
+        except OSError:
+            os.chdir(ws)
+        return os.getcwd()
     raise ValueError(f"unknown session request {op!r}")
 
 
