@@ -445,6 +445,9 @@ class Session:
             how, _, cwd = res.stdout.partition("\n")
             old._sessions.discard(self)
             self._branch = target
+            if self._node:  # the target's node state is now this one's (strategy.InSession)
+                for other in target._sessions:
+                    other._node = False
             target._sessions.add(self)
             self._cwd_pending = cwd.strip() or os.fspath(old._ws.path)
             self.moves += 1

@@ -39,10 +39,12 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import anyio
 import attrs
 
+from branchagent.exceptions import InvalidCandidates
 from branchagent.strategy import (
     Arena,
     Branch,
     Candidate,
+    InSession,
     Outcome,
     Result,
     Strategy,
@@ -99,6 +101,13 @@ class SpeculativeExecution(Strategy):
     is also checked once on the target's state before the first draft. A
     goal that raises fails the step it ran for.
 
+    Actions, ``verify`` and ``goal`` that act on a live interpreter
+    (:class:`~branchagent.InSession`) are refused with
+    :class:`~branchagent.InvalidCandidates` (a drafted one when its round is drafted,
+    before any of its steps runs): the prefix commits a step at a time, and an
+    interpreter forked for a step follows one commit only, so the target could get
+    every step's files but not the last step's memory (see ``docs/sessions.md``).
+
     The run stops when the goal is reached, ``max_steps`` steps have run
     (accepted or not), ``max_proposals`` proposer calls were made, the
     proposer returns no action or raises, or ``timeout`` (the wall time of
@@ -138,6 +147,10 @@ class SpeculativeExecution(Strategy):
     max_steps: int = attrs.field(default=32, validator=at_least(1))
     max_proposals: int = attrs.field(default=16, validator=at_least(1))
 
+    def __attrs_post_init__(self) -> None:
+        for what in ("verify", "goal"):
+            _refuse_sessions(getattr(self, what), what)
+
     async def run(self, target: Target) -> Outcome:
         if self.commit:
             run = _Run(self, target)
@@ -157,6 +170,18 @@ class SpeculativeExecution(Strategy):
         if outcome.winner is not None:
             info["uncommitted_winner"] = outcome.winner.index
         return attrs.evolve(outcome, committed=False, winner=None, info=info)
+
+
+def _refuse_sessions(candidate: object, what: str) -> None:
+    """InvalidCandidates for an :class:`~branchagent.InSession` candidate (see the class)."""
+    if isinstance(candidate, InSession):
+        raise InvalidCandidates(
+            f"SpeculativeExecution cannot run InSession candidates ({what}): its verified "
+            "prefix commits into the target a step at a time (the last step into the one "
+            "before it, ..., the first into the target), and an interpreter forked for a "
+            "step follows one commit only, so the target would get every step's files but "
+            "at most the first step's memory; use TreeSearch or Beam over InSession "
+            "candidates, or actions that keep their state in the branch's files")
 
 
 class _Run:
@@ -220,6 +245,8 @@ class _Run:
                 self.stopped = "timeout"
                 return
             draft = draft[: min(spec.k, spec.max_steps - self.steps_run)]
+            for i, action in enumerate(draft):
+                _refuse_sessions(action, f"drafted action {i}")
             if not draft:
                 self.stopped = "exhausted"
                 return

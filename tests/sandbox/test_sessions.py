@@ -251,7 +251,8 @@ async def test_commit_of_a_child_lands_its_files(repo: Path, forking_backend: st
         with pytest.raises(ba.SessionClosed, match="follows one commit"):
             await c2.eval("x")
         top = s.branch
-        assert top.parent is None and top.state is ba.BranchState.OPEN
+        assert top.parent is None
+        assert top.state is ba.BranchState.OPEN
         assert top in ws.branches()
         assert (repo / "after.txt").read_text() == "a"
         assert await s.eval("x") == "root"
@@ -262,7 +263,8 @@ async def test_commit_of_a_child_lands_its_files(repo: Path, forking_backend: st
         assert (repo / "later.txt").read_text() == "l"
         assert await s.eval("x") == "root"
         assert s.moves == 2
-        assert s.branch.parent is None and s.branch is not top
+        assert s.branch.parent is None
+        assert s.branch is not top
     assert (repo / "two.txt").read_text() == "2"
     assert not (repo / "one.txt").exists()
 
@@ -283,7 +285,8 @@ async def test_nested_commit_depth_three(repo: Path, backend_name: str) -> None:
         assert e.branch.depth == 3
         d_branch = d.branch
         await e.branch.commit()
-        assert e.branch is d_branch and not d.closed
+        assert e.branch is d_branch
+        assert not d.closed
         assert await e.eval("path") == ["b", "c", "d", "e"]
         assert await e.eval("[open(f).read() for f in ('c.txt', 'd.txt', 'e.txt')]") == \
             ["c", "d", "e"]
@@ -293,7 +296,8 @@ async def test_nested_commit_depth_three(repo: Path, backend_name: str) -> None:
         await d_branch.commit()
         # d's own session follows into c; e, a fork that already followed one commit,
         # ends with the reason; the commit stands.
-        assert d.branch is c.branch and not d.closed
+        assert d.branch is c.branch
+        assert not d.closed
         assert e.closed
         assert await gone(e.pid)
         assert await d.eval("path") == ["b", "c", "d"]
@@ -324,7 +328,8 @@ async def test_a_dead_session_does_not_stop_the_commit(repo: Path, backend_name:
         assert (b.path / "kept.txt").read_text() == "k"
         assert c.closed
         failed = [e for e in logs if e["event"] == "session_move_failed"]
-        assert len(failed) == 1 and failed[0]["into"] == b.name
+        assert len(failed) == 1
+        assert failed[0]["into"] == b.name
         with pytest.raises(ba.SessionClosed, match="could not move"):
             await c.eval("1")
         assert await s.eval("open('kept.txt').read()") == "k"

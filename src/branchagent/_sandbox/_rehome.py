@@ -53,9 +53,9 @@ def enter(pid: str) -> int:
     proc = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     user = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     mnt = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-    if os.fstat(user).st_ino != os.stat("/proc/self/ns/user").st_ino:  # else EINVAL
-        if _libc.setns(user, CLONE_NEWUSER) != 0:
-            raise _fail("setns(user)")
+    other = os.fstat(user).st_ino != os.stat("/proc/self/ns/user").st_ino  # else EINVAL
+    if other and _libc.setns(user, CLONE_NEWUSER) != 0:
+        raise _fail("setns(user)")
     if _libc.setns(mnt, CLONE_NEWNS) != 0:
         raise _fail("setns(mount)")
     return proc

@@ -71,7 +71,7 @@ from ._candidates import (
     run_candidate,
 )
 from ._executor import Executor, LocalExecutor
-from ._in_session import InSession, node_session
+from ._in_session import InSession, node_session, session_of
 from ._registry import GROUP, available_strategies, get_strategy
 from ._root import check_max_parallel, check_timeout, deadline_after
 from ._values import (
@@ -127,6 +127,7 @@ __all__ = [
     "pick_best",
     "rank_key",
     "run_candidate",
+    "session_of",
     "to_candidates",
     "to_candidates_or_empty",
     "to_verdict",

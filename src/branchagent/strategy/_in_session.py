@@ -13,7 +13,20 @@ from .._limits import Limits
 if TYPE_CHECKING:
     from .._session import Session
 
-__all__ = ["InSession", "node_session"]
+__all__ = ["InSession", "node_session", "session_of"]
+
+
+def session_of(branch: Branch) -> Session | None:
+    """The live node session of ``branch``, or ``None``: after a strategy committed an
+    :class:`InSession` winner that was a child of its target, the winner's interpreter,
+    moved into the target (its memory as the winner left it; the target's files as the
+    winner's commit made them). A search over the target with ``InSession`` candidates
+    forks its root nodes from it."""
+    from .._workspace import WorkspaceBranch
+
+    if not isinstance(branch, WorkspaceBranch):
+        return None
+    return next((s for s in branch._sessions if s._node and not s.closed), None)
 
 
 async def node_session(branch: Branch, *, setup: str = "",
@@ -28,9 +41,7 @@ async def node_session(branch: Branch, *, setup: str = "",
         raise TypeError(f"InSession needs a workspace branch (one with .session()), not "
                         f"{type(branch).__name__}")
     parent = branch.parent
-    source = None
-    if isinstance(parent, WorkspaceBranch):
-        source = next((s for s in parent._sessions if s._node and not s.closed), None)
+    source = session_of(parent) if parent is not None else None
     if source is not None:
         session = await branch.session(fork_of=source)
     else:
@@ -59,7 +70,10 @@ class InSession:
     So a tree search (``TreeSearch``, ``Beam``) over ``InSession`` candidates
     backtracks to any earlier node's memory for the cost of one fork. Each open node
     keeps its interpreter alive (its pages shared copy-on-write with its relatives)
-    until its branch is committed or aborted.
+    until its branch is committed or aborted. A committed winner that is a child of the
+    target leaves its interpreter in the target (:func:`session_of`); a deeper winner's
+    lineage commits a level at a time, and its node sessions end (a forked interpreter
+    follows one commit). ``SpeculativeExecution`` refuses ``InSession`` actions.
     """
 
     fn: Callable[[Session], Awaitable[Any]]
