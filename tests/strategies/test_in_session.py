@@ -117,3 +117,65 @@ async def test_in_session_needs_a_workspace_branch() -> None:
 
     with pytest.raises(TypeError, match="workspace branch"):
         await ba.InSession(lambda s: s.eval("1"))(Fake())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_winner_session_lives_on_in_the_target(repo: Path, backend_name: str) -> None:
+    """A winner that is a child of a branch target leaves its interpreter in the target:
+    its memory as the winner left it, the target's files; a second search forks from it."""
+    records: list[tuple[list[str], int, list[Any]]] = []
+    with anyio.fail_after(120):
+        async with ba.open_workspace(repo, backend=backend_name) as ws:
+            target = await ws.fork()
+            outcome = await ba.BestOfN([step(op, records) for op in OPS]).run(target)
+            assert outcome.committed
+            survivor = ba.strategy.session_of(target)
+            assert survivor is not None
+            assert survivor.branch is target
+            history, table = await survivor.eval("history, table")
+            assert outcome.winner is not None
+            assert history == [OPS[outcome.winner.index]]
+            assert table == local(history)
+            assert json.loads((target.path / "table.json").read_text()) == table
+            assert await survivor.eval("json.load(open('table.json'))") == table
+            # Only the winner's interpreter is left (the losers' ended with their branches).
+            assert [s for s in target._sessions if not s.closed] == [survivor]
+            # A second search over the target continues from the winner's memory.
+            records.clear()
+            again = await ba.BestOfN([step("double", records)]).run(target)
+            assert again.committed
+            assert records[0][0] == [*history, "double"]
+            after = ba.strategy.session_of(target)
+            assert after is not None
+            assert after is not survivor
+            assert await after.eval("history") == [*history, "double"]
+            assert not survivor.closed  # the target's own session goes on, no longer its node
+            # Deeper winners: the lineage's node sessions end (a fork follows one commit).
+            deep = await ws.fork()
+            records.clear()
+            tree = await ba.TreeSearch(
+                [step("drop_odd", records)],
+                expand=lambda _b, _d: [step("double", records)],
+                budget=2, max_depth=2,
+            ).run(deep)
+            assert tree.committed
+            assert tree.winner is not None
+            assert tree.winner.depth == 1  # a child of a root node: two commits
+            assert ba.strategy.session_of(deep) is None
+    assert processes_with(str(repo)) == []
+
+
+async def test_speculative_execution_refuses_sessions() -> None:
+    act = ba.InSession(lambda s: s.eval("1"))
+    with pytest.raises(ba.InvalidCandidates, match="follows one commit"):
+        ba.SpeculativeExecution(lambda _b, _k: [act], goal=act)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_speculative_execution_refuses_drafted_sessions(repo: Path) -> None:
+    act = ba.InSession(lambda s: s.exec("open('x.txt', 'w').write('x')"))
+    async with ba.open_workspace(repo, backend="copy") as ws:
+        with pytest.raises(ba.InvalidCandidates, match="drafted action 0"):
+            await ba.SpeculativeExecution(lambda _b, _k: [act]).run(ws)
+        assert ws.branches() == []
+    assert not (repo / "x.txt").exists()

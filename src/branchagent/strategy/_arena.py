@@ -393,10 +393,12 @@ class Arena:
         chain = self.lineage(trial)
         with anyio.CancelScope(shield=True):
             await self._abort_all(keep=chain)
-            if len(chain) > 1:
+            if len(chain) > 1 or not isinstance(self.target, WorkspaceBranch):
                 # A lineage commits a level at a time, and an interpreter forked for a node
                 # (InSession) follows one commit only: the node sessions of a lineage end
                 # here rather than leave in the target memory that is not the winner's.
+                # (Into a workspace's base, the winner's would move to a new top-level
+                # branch that nobody asked for: it ends too.)
                 for node in chain:
                     if isinstance(node.branch, WorkspaceBranch):
                         for session in [x for x in node.branch._sessions if x._node]:
