@@ -1,7 +1,8 @@
 """Benchmark of forkable sessions: ``session.fork()`` against re-running the setup.
 
     .venv/bin/python bench/bench_sessions.py [--sizes 10,100,1000] [--forks 20]
-                                             [--fresh 3] [--backend fuse] [--json out.json]
+                                             [--fresh 3] [--commits 20] [--backend fuse]
+                                             [--json out.json]
 
 For each size (MB of Python objects: a table of dicts, as a data-analysis agent holds
 one), an interpreter is started in a branch with ``branch.session()`` and the setup
@@ -16,8 +17,16 @@ code builds the table in it. Then:
 3. **The naive alternative**, in the same run: a fresh session
    (``branch.session()``) plus re-running the setup code, ``--fresh`` times.
 
+4. **Commit with a session alive** (``--commits`` times, once per run, not per size):
+   ``await child.commit()`` of a child branch holding one written file, timed as the
+   caller sees it, in three interleaved cases: no session in the child (the baseline),
+   a session started in the child (``child.session()``), and a fork of the parent's
+   session (``s.fork()``). With a session, the commit also moves it into the parent
+   (a helper process enters the session's namespaces and swaps the view); each moved
+   session is checked to read the committed file, then closed, outside the timed part.
+
 The table's size is measured in the interpreter (the RSS the setup added). Output:
-a Markdown table plus the machine's facts.
+Markdown tables plus the machine's facts.
 """
 
 from __future__ import annotations
@@ -108,6 +117,35 @@ async def bench_size(ws: ba.Workspace, mb: int, forks: int, fresh: int) -> dict[
     }
 
 
+async def bench_commit(ws: ba.Workspace, n: int) -> dict[str, Any]:
+    """Commit time of a child branch: no session, a fresh session, a forked session."""
+    b = await ws.fork()
+    s = await b.session()
+    await s.exec("import os")
+    times: dict[str, list[int]] = {"none": [], "fresh": [], "forked": []}
+    for i in range(n):
+        for case in times:
+            child = await b.fork()
+            session = None
+            if case == "none":
+                (child.path / f"{case}{i}.txt").write_text("x")
+            else:
+                session = await child.session() if case == "fresh" else await s.fork()
+                if case == "forked":
+                    child = session.branch
+                await session.exec(f"open('{case}{i}.txt', 'w').write('x')")
+            t = time.perf_counter_ns()
+            await child.commit()
+            times[case].append(time.perf_counter_ns() - t)
+            if session is not None:
+                assert session.branch is b, session
+                assert await session.eval(f"open('{case}{i}.txt').read()") == "x"
+                await session.close()
+    await s.close()
+    await b.abort()
+    return {case: stats(ns).to_json() for case, ns in times.items()}
+
+
 async def main(args: argparse.Namespace) -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     tmp = Path(tempfile.mkdtemp(prefix="bench-sessions-"))
@@ -122,6 +160,7 @@ async def main(args: argparse.Namespace) -> None:
                 results.append(r)
                 print(f"# {mb} MB done: fork p50 {r['fork']['median_ms']:.2f} ms",
                       file=sys.stderr)
+            commits = await bench_commit(ws, args.commits) if args.commits else None
         facts = machine_facts(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -136,9 +175,20 @@ async def main(args: argparse.Namespace) -> None:
               f"{a['median_ms']:.2f} / {a['p95_ms']:.2f} ms | "
               f"{z['median_ms']:.0f} / {z['p95_ms']:.0f} ms | "
               f"{z['median_ms'] / f['median_ms']:.0f}x |")
+    if commits is not None:
+        base = commits["none"]["median_ms"]
+        print(f"\nCommit of a child branch ({args.commits} each, interleaved):\n")
+        print("| sessions in the child | commit p50 / p95 | added at p50 |")
+        print("|---|---|---|")
+        for case, label in (("none", "none (baseline)"), ("fresh", "one, started in it"),
+                            ("forked", "one, forked from the parent's")):
+            c = commits[case]
+            print(f"| {label} | {c['median_ms']:.2f} / {c['p95_ms']:.2f} ms | "
+                  f"{c['median_ms'] - base:+.2f} ms |")
     if args.json:
         await anyio.Path(args.json).write_text(json.dumps(
-            {"machine": facts, "backend": args.backend, "results": results}, indent=2))
+            {"machine": facts, "backend": args.backend, "results": results,
+             "commits": commits}, indent=2))
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -147,6 +197,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    default=[10, 100, 1000], help="MB of Python objects, comma-separated")
     p.add_argument("--forks", type=int, default=20)
     p.add_argument("--fresh", type=int, default=3)
+    p.add_argument("--commits", type=int, default=20,
+                   help="commits timed per case (0: skip the commit section)")
     p.add_argument("--backend", default="fuse")
     p.add_argument("--json")
     return p.parse_args(argv)
