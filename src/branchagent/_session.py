@@ -18,6 +18,7 @@ backend's branch directories), where a fork finds its child branch.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import signal
@@ -64,7 +65,7 @@ from .exceptions import (
 )
 
 if TYPE_CHECKING:
-    from ._workspace import WorkspaceBranch
+    from ._workspace import Workspace, WorkspaceBranch
 
 __all__ = ["Session"]
 
@@ -163,6 +164,90 @@ def _host_pid(root: int, ns_pid: int) -> int:
             return pid
         todo.extend(_children(pid))
     raise SandboxError(f"session process {ns_pid} not found in its sandbox")
+
+
+class _MoveRefused(OSError):
+    """The mover could not move that session (it says why)."""
+
+
+class _Mover:
+    """The helper that moves a workspace's sessions after commits (``_rehome.py
+    --serve``), started at the first move: each move then costs a fork of it, not a
+    Python start. It runs in the agent's namespaces; each fork enters a session's."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], stream: anyio.abc.SocketStream) -> None:
+        self.popen = popen
+        self.stream = stream
+        self.lock = anyio.Lock()
+        self.buf = bytearray()
+
+    @classmethod
+    async def start(cls) -> _Mover:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            popen = await anyio.to_thread.run_sync(lambda: subprocess.Popen(
+                [sys.executable, "-I", "-S", _REHOME, "--serve", str(theirs.fileno())],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                cwd="/", pass_fds=(theirs.fileno(),), start_new_session=True))
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        return cls(popen, await anyio.abc.UNIXSocketStream.from_socket(mine))
+
+    async def move(self, pid: int, view: str, ws: str) -> tuple[str, str]:
+        """How the view was swapped, and the session's working directory (OSError: not)."""
+        async with self.lock:
+            with anyio.fail_after(_REHOME_TIMEOUT):
+                await self.stream.send(json.dumps([pid, view, ws]).encode() + b"\n")
+                while b"\n" not in self.buf:
+                    try:
+                        chunk = await self.stream.receive()
+                    except (anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+                        raise OSError(f"the session mover exited (status "
+                                      f"{self.popen.poll()})") from exc
+                    self.buf += chunk
+            line, _, rest = bytes(self.buf).partition(b"\n")
+            self.buf[:] = rest
+        reply = json.loads(line)
+        if reply[0] != "ok":
+            raise _MoveRefused(str(reply[1]))
+        return str(reply[1]), str(reply[2])
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.stream.aclose()  # it exits at end of stream
+            try:
+                await anyio.to_thread.run_sync(self.popen.wait, 5)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                await anyio.to_thread.run_sync(self.popen.wait)
+
+
+async def _start_mover(ws: Workspace) -> _Mover:
+    """The workspace's mover, started if it is not (closed with the workspace)."""
+    async with ws._mover_lock:
+        if ws._mover is None:
+            ws._mover = await _Mover.start()
+        mover = ws._mover
+    assert isinstance(mover, _Mover)
+    return mover
+
+
+async def _move(ws: Workspace, pid: int, view: str, path: str) -> tuple[str, str]:
+    """Move session ``pid`` to ``view`` with the workspace's mover (started with its
+    first session); a mover that failed is replaced at the next move."""
+    mover = await _start_mover(ws)
+    try:
+        return await mover.move(pid, view, path)
+    except _MoveRefused:
+        raise  # that move failed; the mover is fine
+    except BaseException:
+        if ws._mover is mover:  # gone, or out of step: start afresh next time
+            ws._mover = None
+        await mover.aclose()
+        raise
 
 
 class _Tree:
@@ -428,21 +513,19 @@ class Session:
                 await self._terminate(f"branch {old.name!r} was committed and the session "
                                       f"could not move into {target.name!r}: {why}")
                 return
+            why = ""
             try:
                 view = _view_in_sandbox(target)
-                res = await anyio.to_thread.run_sync(_run_rehome, [
-                    sys.executable, "-I", "-S", _REHOME, str(self.pid), view,
-                    os.fspath(old._ws.path)])
-            except (OSError, SandboxError, subprocess.SubprocessError) as exc:
-                res = subprocess.CompletedProcess([], 1, "", str(exc))
-            if res.returncode != 0 or self._cleaned:
-                why = (res.stderr.strip()[-1000:] or f"exit status {res.returncode}")
+                how, cwd = await _move(old._ws, self.pid, view, os.fspath(old._ws.path))
+            except (OSError, SandboxError, TimeoutError, ValueError) as exc:
+                why = str(exc)[-1000:] or type(exc).__name__
+            if why or self._cleaned:
+                why = why or "it ended meanwhile"
                 log.warning("session_move_failed", branch=old.name, into=target.name,
                             pid=self.pid, error=why)
                 await self._terminate(f"branch {old.name!r} was committed and the session "
                                       f"could not move into {target.name!r}: {why}")
                 return
-            how, _, cwd = res.stdout.partition("\n")
             old._sessions.discard(self)
             self._branch = target
             if self._node:  # the target's node state is now this one's (strategy.InSession)
@@ -606,12 +689,6 @@ async def _beside(side: Callable[[], Awaitable[None]], main: Awaitable[T]) -> T:
     return out[0]
 
 
-def _run_rehome(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    """The helper, started with Popen (vfork: cheap from a large agent), awaited here."""
-    return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          cwd="/", timeout=_REHOME_TIMEOUT, check=False)
-
-
 def _kill(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
@@ -635,6 +712,10 @@ async def start_session(branch: WorkspaceBranch, *, limits: Limits | None = None
     ws = branch._ws
     views = views_root(branch)
     _view_in_sandbox(branch)  # (the backend says where its views are, or refuses)
+    try:
+        await _start_mover(ws)  # for commits to come; its Python starts while this one does
+    except OSError as exc:  # tried again at the first move
+        log.warning("session_mover_not_started", error=str(exc))
     ws._scratch.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="session-", dir=ws._scratch))
     log_path = tmp / "log"

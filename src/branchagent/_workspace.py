@@ -491,6 +491,8 @@ class Workspace:
         self._counter = itertools.count(1)
         self._scratch = state_dir / "runs"
         self._lock_fd: int | None = None
+        self._mover: Any = None  # moves sessions after commits (_session._Mover), if started
+        self._mover_lock = anyio.Lock()
 
     @property
     def backend(self) -> Backend:
@@ -822,10 +824,16 @@ class Workspace:
                         log.warning("close_abort_failed", branch=b.name, error=str(exc))
             await self._wait_for_aborts()
             self._closed = True
+            await self._close_mover()
             try:
                 await self._backend.aclose()
             finally:
                 self._unlock()
+
+    async def _close_mover(self) -> None:
+        mover, self._mover = self._mover, None
+        if mover is not None:
+            await mover.aclose()
 
     async def _detach(self) -> None:
         """Close without aborting: branches survive for the next open (used after errors)."""
@@ -834,6 +842,7 @@ class Workspace:
         self._closed = True
         with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
             await self._wait_for_aborts()
+            await self._close_mover()
             try:
                 await self._backend.aclose()
             finally:

@@ -1,4 +1,6 @@
-"""Helper: ``python -I -S _rehome.py PID VIEW WS``: put VIEW over WS for the session PID.
+"""Helper: ``python -I -S _rehome.py PID VIEW WS``: put VIEW over WS for the session PID
+(or ``_rehome.py --serve FD``: the same for each request on the socket FD, see
+:func:`serve`).
 
 Run by :meth:`branchagent._session.Session._rehome` once the session's branch is
 committed: the session follows its files into the parent. This process (started by
@@ -84,8 +86,8 @@ def swap(view: str, ws: str) -> str:
     return "stacked"
 
 
-def main(argv: list[str]) -> int:
-    pid, view, ws = argv[1], argv[2], argv[3]
+def move(pid: str, view: str, ws: str) -> tuple[str, str]:
+    """Enter ``pid``'s namespaces and swap the view; how, and its working directory."""
     try:
         proc = enter(pid)
         try:
@@ -94,9 +96,47 @@ def main(argv: list[str]) -> int:
             cwd = ws
         if cwd.endswith(" (deleted)"):  # the copy backend removed the committed directory
             cwd = cwd[: -len(" (deleted)")]
-        how = swap(view, ws)
+        return swap(view, ws), cwd
     except OSError as exc:
-        print(f"cannot move session {pid} to {view}: {exc}", file=sys.stderr)
+        raise OSError(exc.errno, f"cannot move session {pid} to {view}: "
+                                 f"{exc.strerror or exc}") from None
+
+
+def serve(fd: int) -> int:
+    """Serve moves on the socket ``fd``: a JSON line ``[pid, view, ws]`` in, a JSON line
+    ``["ok", how, cwd]`` or ``["err", message]`` out. Each move runs in a child of this
+    process (``setns`` is for good), so a move costs a fork of this small process, not a
+    Python start."""
+    import json
+    import socket
+
+    sock = socket.socket(fileno=fd)
+    reader = sock.makefile("rb")
+    for line in reader:
+        pid, view, ws = json.loads(line)
+        child = os.fork()
+        if child == 0:
+            try:
+                how, cwd = move(str(pid), view, ws)
+                reply = json.dumps(["ok", how, cwd])
+            except BaseException as exc:
+                reply = json.dumps(["err", getattr(exc, "strerror", None) or str(exc)])
+            try:
+                sock.sendall(reply.encode() + b"\n")
+            finally:
+                os._exit(0)
+        os.waitpid(child, 0)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if argv[1] == "--serve":
+        return serve(int(argv[2]))
+    pid, view, ws = argv[1], argv[2], argv[3]
+    try:
+        how, cwd = move(pid, view, ws)
+    except OSError as exc:
+        print(exc.strerror or str(exc), file=sys.stderr)
         return 1
     sys.stdout.write(f"{how}\n{cwd}\n")
     return 0
