@@ -498,16 +498,8 @@ class Session:
         old = self._branch
         started = time.perf_counter()
         with anyio.CancelScope(shield=True):
-            if self._forked and self.moves:
-                # Its view now sits on the view of the branch it moved into, which this
-                # commit removed; under that lies its parent session's view, which it
-                # cannot unmount (see docs/sessions.md, "A forked session follows one
-                # commit").
-                why = ("a forked session follows one commit (its own branch's, into the "
-                       "branch it was forked from); this was its second: its mount "
-                       "namespace holds its parent session's view of the committed branch, "
-                       "locked (Linux lets no one unmount a mount inherited into a nested "
-                       "user namespace)")
+            why = self._cannot_move()
+            if why:
                 log.warning("session_move_failed", branch=old.name, into=target.name,
                             pid=self.pid, error=why)
                 await self._terminate(f"branch {old.name!r} was committed and the session "
@@ -536,6 +528,24 @@ class Session:
             self.moves += 1
         log.info("session_moved", branch=old.name, into=target.name, pid=self.pid, how=how,
                  duration_ms=round((time.perf_counter() - started) * 1e3, 3))
+
+    def _cannot_move(self) -> str:
+        """Why this session cannot follow its branch's commit ("": it can)."""
+        backend = self._branch._ws._backend
+        if getattr(backend, "mount_per_branch", False):
+            return (f"sessions cannot follow a commit on the {backend.name!r} backend yet: "
+                    "it mounts each branch on its own, and the session's private mount "
+                    "namespace does not see mounts made after it started; use "
+                    "backend='fuse' or 'copy'")
+        if self._forked and self.moves:
+            # Its view now sits on the view of the branch it moved into, which this commit
+            # removed; under that lies its parent session's view, which it cannot unmount
+            # (docs/sessions.md, "Why a fork follows only one commit").
+            return ("a forked session follows one commit (its own branch's, into the branch "
+                    "it was forked from); this was its second: its mount namespace holds "
+                    "its parent session's view of the committed branch, locked (Linux lets "
+                    "no one unmount a mount inherited into a nested user namespace)")
+        return ""
 
     async def _chdir_if_moved(self) -> None:
         """After a move, the interpreter's working directory again (called holding the

@@ -446,7 +446,15 @@ async def _sessions_after_commit(b: WorkspaceBranch, losers: Sequence[WorkspaceB
     for loser in losers:
         for s in list(loser._sessions):
             await s._terminate(f"branch {loser._name!r} was invalidated")
-    movers = [s for s in b._sessions if not s.closed]
+    movers = []
+    for s in list(b._sessions):
+        why = s._cannot_move()
+        if why:
+            log.warning("session_move_failed", branch=b._name, pid=s.pid, error=why)
+            await s._terminate(f"branch {b._name!r} was committed and its session cannot "
+                               f"follow: {why}")
+        elif not s.closed:
+            movers.append(s)
     if not movers:
         return
     target = b._parent

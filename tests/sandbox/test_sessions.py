@@ -194,6 +194,13 @@ async def test_overlay_refuses_to_fork_a_session(repo: Path) -> None:
         with pytest.raises(ba.SessionForkError, match="backend='fuse' or 'copy'"):
             await child.session(fork_of=s)
         assert await s.eval("x") == 41
+        # Nor does a session follow a commit there: it ends, saying why; the commit stands.
+        await b.commit()
+        assert s.closed
+        with pytest.raises(ba.SessionClosed, match="cannot follow a commit on the 'overlay'"):
+            await s.eval("x")
+        assert ws.branches() == []
+    assert (repo / "f.txt").read_text() == "in b"
 
 
 async def test_commit_of_a_child_lands_its_files(repo: Path, forking_backend: str) -> None:
@@ -269,10 +276,10 @@ async def test_commit_of_a_child_lands_its_files(repo: Path, forking_backend: st
     assert not (repo / "one.txt").exists()
 
 
-async def test_nested_commit_depth_three(repo: Path, backend_name: str) -> None:
+async def test_nested_commit_depth_three(repo: Path, forking_backend: str) -> None:
     """A fork three levels deep committed into its parent (depth 2), then that one into
     its parent: the session follows each time, its memory intact."""
-    async with workspace(repo, backend_name) as ws:
+    async with workspace(repo, forking_backend) as ws:
         b = await ws.fork()
         s = await b.session()
         await s.exec("path = ['b']")
@@ -309,12 +316,12 @@ async def test_nested_commit_depth_three(repo: Path, backend_name: str) -> None:
         assert await s.eval("path") == ["b"]
 
 
-async def test_a_dead_session_does_not_stop_the_commit(repo: Path, backend_name: str) -> None:
+async def test_a_dead_session_does_not_stop_the_commit(repo: Path, forking_backend: str) -> None:
     """The interpreter died before its branch's commit: the commit stands; the session
     is closed with the reason, logged."""
     from structlog.testing import capture_logs
 
-    async with workspace(repo, backend_name) as ws:
+    async with workspace(repo, forking_backend) as ws:
         b = await ws.fork()
         s = await b.session()
         c = await s.fork()

@@ -120,12 +120,13 @@ async def test_in_session_needs_a_workspace_branch() -> None:
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_the_winner_session_lives_on_in_the_target(repo: Path, backend_name: str) -> None:
+async def test_the_winner_session_lives_on_in_the_target(repo: Path,
+                                                        forking_backend: str) -> None:
     """A winner that is a child of a branch target leaves its interpreter in the target:
     its memory as the winner left it, the target's files; a second search forks from it."""
     records: list[tuple[list[str], int, list[Any]]] = []
     with anyio.fail_after(120):
-        async with ba.open_workspace(repo, backend=backend_name) as ws:
+        async with ba.open_workspace(repo, backend=forking_backend) as ws:
             target = await ws.fork()
             outcome = await ba.BestOfN([step(op, records) for op in OPS]).run(target)
             assert outcome.committed
