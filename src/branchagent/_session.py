@@ -166,10 +166,6 @@ def _host_pid(root: int, ns_pid: int) -> int:
     raise SandboxError(f"session process {ns_pid} not found in its sandbox")
 
 
-class _MoveRefused(OSError):
-    """The mover could not move that session (it says why)."""
-
-
 class _Mover:
     """The helper that moves a workspace's sessions after commits (``_rehome.py
     --serve``), started at the first move: each move then costs a fork of it, not a
@@ -196,8 +192,9 @@ class _Mover:
             theirs.close()
         return cls(popen, await anyio.abc.UNIXSocketStream.from_socket(mine))
 
-    async def move(self, pid: int, view: str, ws: str) -> tuple[str, str]:
-        """How the view was swapped, and the session's working directory (OSError: not)."""
+    async def move(self, pid: int, view: str, ws: str) -> list[str]:
+        """The mover's reply: ``["ok", how, cwd]`` (how the view was swapped, the
+        session's working directory) or ``["err", why]``."""
         async with self.lock:
             with anyio.fail_after(_REHOME_TIMEOUT):
                 await self.stream.send(json.dumps([pid, view, ws]).encode() + b"\n")
@@ -210,10 +207,7 @@ class _Mover:
                     self.buf += chunk
             line, _, rest = bytes(self.buf).partition(b"\n")
             self.buf[:] = rest
-        reply = json.loads(line)
-        if reply[0] != "ok":
-            raise _MoveRefused(str(reply[1]))
-        return str(reply[1]), str(reply[2])
+        return [str(x) for x in json.loads(line)]
 
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True):
@@ -240,14 +234,15 @@ async def _move(ws: Workspace, pid: int, view: str, path: str) -> tuple[str, str
     first session); a mover that failed is replaced at the next move."""
     mover = await _start_mover(ws)
     try:
-        return await mover.move(pid, view, path)
-    except _MoveRefused:
-        raise  # that move failed; the mover is fine
+        reply = await mover.move(pid, view, path)
     except BaseException:
         if ws._mover is mover:  # gone, or out of step: start afresh next time
             ws._mover = None
         await mover.aclose()
         raise
+    if reply[0] != "ok":
+        raise OSError(reply[1])  # that move failed; the mover is fine
+    return reply[1], reply[2]
 
 
 class _Tree:
